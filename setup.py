@@ -1,0 +1,54 @@
+"""Packaging for abft-fast.
+
+``kernels/`` installs as ``abft_fast.kernels`` and ``csrc/`` as ``abft_fast.csrc`` (sources for the
+JIT-built CUDA extension); nothing installs a top-level ``kernels`` module, a name that belongs to
+the HuggingFace ``kernels`` package which transformers probes for.
+
+Set ``ABFT_FAST_BUILD_CUDA=1`` to compile the CUDA extension at install time (needs nvcc and a CUDA
+torch); otherwise it is JIT-compiled with ninja on first use of backend="cuda".
+"""
+import os
+
+from setuptools import setup
+
+ext_modules, cmdclass = [], {}
+if os.environ.get("ABFT_FAST_BUILD_CUDA", "0") == "1":
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    ext_modules = [
+        CUDAExtension(
+            "abft_fast._cuda_ext",
+            sources=["csrc/binding.cpp", "csrc/attention_fwd.cu", "csrc/attention_bwd.cu"],
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+        )
+    ]
+    cmdclass = {"build_ext": BuildExtension}
+
+setup(
+    name="abft-fast",
+    version="0.1.0",
+    description="Fused attention with probe probabilities for Attention Behavior Fine-Tuning (ABFT)",
+    long_description=open("README.md").read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["abft_fast", "abft_fast.kernels", "abft_fast.csrc"],
+    package_dir={"abft_fast": "abft_fast", "abft_fast.kernels": "kernels", "abft_fast.csrc": "csrc"},
+    package_data={"abft_fast.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"]},
+    install_requires=[
+        "torch>=2.5",
+        "triton>=3.0; platform_system == 'Linux'",
+        "numpy",
+        "transformers>=4.50",
+        "accelerate>=1.0",
+        "safetensors",
+        "tqdm",
+        "ninja",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "abft": ["staicc", "gguf", "peft", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["abft-fast=abft_fast.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,118 @@
+"""Random attention cases and the DESIGN.md section 5 error rule, shared by the backend tests."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+import abft_fast
+from abft_fast.reference import attention_reference
+
+
+@dataclasses.dataclass
+class Case:
+    b: int
+    hq: int
+    hkv: int
+    lq: int
+    lk: int
+    d: int
+    causal: bool = True
+    window: int | None = None
+    padding: str | None = None  # None | "left" | "right" | "random"
+    r: int | None = 2  # probe rows (None = no probes)
+    c: int | None = 3  # probe cols (None = full rows)
+    unused: bool = True  # put -1 slots into the probes
+    scale: float | None = None
+
+    def __str__(self):
+        s = f"B{self.b}-H{self.hq}x{self.hkv}-L{self.lq}x{self.lk}-D{self.d}"
+        s += "-causal" if self.causal else "-full"
+        if self.window:
+            s += f"-win{self.window}"
+        if self.padding:
+            s += f"-pad{self.padding}"
+        s += f"-R{self.r}-C{'all' if self.c is None else self.c}"
+        return s
+
+
+def make_inputs(case: Case, gen: torch.Generator):
+    """Float64 inputs (fresh random values, never zeros) plus random upstream gradients."""
+    f = dict(dtype=torch.float64, generator=gen)
+    q = torch.randn(case.b, case.hq, case.lq, case.d, **f)
+    k = torch.randn(case.b, case.hkv, case.lk, case.d, **f)
+    v = torch.randn(case.b, case.hkv, case.lk, case.d, **f)
+    kpm = None
+    if case.padding:
+        kpm = torch.ones(case.b, case.lk, dtype=torch.bool)
+        for i in range(case.b):
+            n = int(torch.randint(0, max(1, case.lk // 2) + 1, (1,), generator=gen))
+            if case.padding == "left":
+                kpm[i, :n] = False
+            elif case.padding == "right":
+                kpm[i, case.lk - n:] = False
+            else:
+                kpm[i] = torch.rand(case.lk, generator=gen) > 0.3
+    rows = cols = None
+    if case.r is not None:
+        rows = torch.randint(0, case.lq, (case.b, case.r), generator=gen)
+        if case.lq > 1 and case.r > 0:
+            rows[:, 0] = case.lq - 1  # ABFT probes the last row
+        if case.unused and case.r > 1:
+            rows[:, -1] = -1
+        if case.c is not None:
+            cols = torch.randint(0, case.lk, (case.b, case.c), generator=gen)
+            if case.unused and case.c > 1:
+                cols[0, 0] = -1
+    do = torch.randn(case.b, case.hq, case.lq, case.d, **f)
+    nc = case.lk if case.c is None else case.c
+    dp = torch.randn(case.b, case.hq, case.r or 0, nc, **f) if rows is not None else None
+    return dict(q=q, k=k, v=v, kpm=kpm, rows=rows, cols=cols, do=do, dp=dp)
+
+
+def run(fn, case: Case, inp, dtype, **kw):
+    """Run ``fn`` (abft_fast.attention or the reference) in ``dtype``; return outputs and grads."""
+    q, k, v = (inp[n].to(dtype).requires_grad_() for n in ("q", "k", "v"))
+    res = fn(q, k, v, causal=case.causal, scale=case.scale, key_padding_mask=inp["kpm"],
+             window=case.window, probe_rows=inp["rows"], probe_cols=inp["cols"], **kw)
+    out, probs = res[0], res[-1]
+    loss = (out.double() * inp["do"]).sum()
+    if probs is not None:
+        loss = loss + (probs.double() * inp["dp"]).sum()
+    dq, dk, dv = torch.autograd.grad(loss, (q, k, v))
+    r = dict(out=out, dq=dq, dk=dk, dv=dv)
+    if probs is not None:
+        r["probs"] = probs
+    return {n: t.detach().double() for n, t in r.items()}
+
+
+def reference(case, inp):
+    return run(attention_reference, case, inp, torch.float64)
+
+
+def rel_err(x, ref):
+    assert torch.isfinite(x).all(), "non-finite values"
+    den = ref.norm()
+    return float((x - ref).norm() / den) if den > 0 else float(x.norm())
+
+
+def check_rel(got, ref, tol, names=None):
+    """Every tensor within ``tol`` relative (norm-wise) error of the float64 reference."""
+    for n in names or ref:
+        assert got[n].shape == ref[n].shape, (n, got[n].shape, ref[n].shape)
+        e = rel_err(got[n], ref[n])
+        assert e <= tol, f"{n}: relative error {e:.3g} > {tol:.3g}"
+
+
+def check_rule(got, torch_same, ref, floor):
+    """DESIGN.md section 5: fused error <= 2x PyTorch same-dtype error + floor."""
+    for n in ref:
+        e_f = rel_err(got[n], ref[n])
+        e_t = rel_err(torch_same[n], ref[n])
+        assert e_f <= 2 * e_t + floor, f"{n}: fused error {e_f:.3g} > 2 x torch {e_t:.3g} + {floor}"
+
+
+def attention_fn(backend):
+    def fn(*a, **kw):
+        return abft_fast.attention(*a, backend=backend, **kw)
+    return fn
