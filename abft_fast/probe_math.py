@@ -1,0 +1,76 @@
+"""The probe part of the fused op, shared by the fused backends (triton, cuda).
+
+Given the row log-sum-exp ``lse`` that the flash forward stores, a probe probability is
+    P[r, c] = exp(scale * q_r . k_c - lse_r)            (0 when (r, c) is masked or a slot is -1)
+which costs R x C x D work, no L x L matrix.
+
+Backward. With G = dLoss/dP (R x C) and treating lse as a function of the scores
+(d lse_r / d s_rj = P_rj), the probe outputs add to the score gradient of row r:
+    dS_rj += P_rc G_rc [j = c]                 (direct term)
+    dS_rj -= P_rj * sum_c P_rc G_rc            (through lse)
+The flash backward already forms dS_rj = P_rj (dP_rj - delta_r) with delta_r = sum_d dO_rd O_rd, so
+the lse part is absorbed by ``delta'_r = delta_r + sum_c P_rc G_rc`` (``delta_extra`` below), and
+the direct term adds scale * P G to dq_r (times k_c) and dk_c (times q_r). dv gets nothing from the
+probes. Duplicate probe rows / columns simply accumulate.
+"""
+from __future__ import annotations
+
+import torch
+
+from .masks import visible
+
+
+def probe_probs_from_lse(q, k, lse, rows, cols, *, causal, window, kpm, scale):
+    """q [B,Hq,Lq,D], k [B,Hkv,Lk,D], lse [B,Hq,Lq] fp32 (-inf on empty rows), rows [B,R],
+    cols [B,C] or None (all keys) -> P [B,Hq,R,C] float32 (float64 for float64 inputs)."""
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    r = rows.shape[1]
+    dt = torch.promote_types(q.dtype, torch.float32)
+    rr = rows.clamp(min=0)
+    qr = torch.gather(q, 2, rr[:, None, :, None].expand(b, hq, r, d)).to(dt)
+    if cols is None:
+        kc = k.to(dt)
+        cc = torch.arange(lk, device=q.device).unsqueeze(0).expand(b, -1)
+    else:
+        cc = cols.clamp(min=0)
+        kc = torch.gather(k, 2, cc[:, None, :, None].expand(b, hkv, cc.shape[1], d)).to(dt)
+    s = torch.matmul(qr.reshape(b, hkv, g * r, d), kc.transpose(-1, -2)).reshape(b, hq, r, -1)
+    lr = torch.gather(lse.to(dt), 2, rr[:, None, :].expand(b, hq, r)).unsqueeze(-1)
+    vis = visible(rr, cc, lq=lq, lk=lk, causal=causal, window=window, key_padding_mask=kpm)
+    vis = vis & (rows >= 0).unsqueeze(-1)
+    if cols is not None:
+        vis = vis & (cols >= 0).unsqueeze(1)
+    vis = vis.unsqueeze(1) & torch.isfinite(lr)
+    return torch.where(vis, torch.exp(s * scale - torch.where(vis, lr, 0.0)), 0.0)
+
+
+def probe_backward(q, k, probs, grad_probs, rows, cols, *, scale):
+    """-> (delta_extra [B,Hq,Lq] fp32, dq_direct [B,Hq,Lq,D] fp32, dk_direct [B,Hkv,Lk,D] fp32).
+
+    delta_extra is added to the flash backward's delta; dq_direct / dk_direct are added to its dq /
+    dk. The dense [.., L, D] results are mostly zeros: only probe rows / cols are written.
+    """
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    r = rows.shape[1]
+    dt = probs.dtype
+    ds = probs * grad_probs.to(dt)  # [B,Hq,R,C]; 0 where P = 0 (masked or unused)
+    rr = rows.clamp(min=0)
+    cc = (torch.arange(lk, device=q.device).unsqueeze(0).expand(b, -1) if cols is None
+          else cols.clamp(min=0))
+    c = cc.shape[1]
+    delta_extra = torch.zeros(b, hq, lq, dtype=dt, device=q.device)
+    delta_extra.scatter_add_(2, rr[:, None, :].expand(b, hq, r), ds.sum(-1))
+    kc = torch.gather(k, 2, cc[:, None, :, None].expand(b, hkv, c, d)).to(dt)  # [B,Hkv,C,D]
+    dq_rows = torch.matmul(ds.reshape(b, hkv, g * r, c), kc).reshape(b, hq, r, d) * scale
+    dq = torch.zeros(b, hq, lq, d, dtype=dt, device=q.device)
+    dq.scatter_add_(2, rr[:, None, :, None].expand(b, hq, r, d), dq_rows)
+    qr = torch.gather(q, 2, rr[:, None, :, None].expand(b, hq, r, d)).to(dt)  # [B,Hq,R,D]
+    dk_cols = torch.matmul(ds.transpose(-1, -2), qr)  # [B,Hq,C,D]
+    dk_cols = dk_cols.reshape(b, hkv, g, c, d).sum(2) * scale
+    dk = torch.zeros(b, hkv, lk, d, dtype=dt, device=q.device)
+    dk.scatter_add_(2, cc[:, None, :, None].expand(b, hkv, c, d), dk_cols)
+    return delta_extra, dq, dk
