@@ -32,3 +32,11 @@ def test_fuzz_torch_backend(cs):
     case, seed = cs
     inp = make_inputs(case, torch.Generator().manual_seed(seed))
     check_rel(run(attention_fn("torch"), case, inp, torch.float32), reference(case, inp), 2e-4)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(cases(max_l=24))
+def test_fuzz_triton_backend(cs):
+    case, seed = cs
+    inp = make_inputs(case, torch.Generator().manual_seed(seed))
+    check_rel(run(attention_fn("triton"), case, inp, torch.float32), reference(case, inp), 2e-4)

@@ -1,0 +1,417 @@
+"""Flash-style Triton attention kernels with probe probabilities, and their launchers.
+
+Per head (query head h reads key/value head h // G, G = Hq // Hkv):
+    S = scale * Q K^T, masked; P = softmax(S) row-wise; O = P V; lse_i = log sum_j exp(S_ij).
+Query i sits at absolute position i + OFF, OFF = Lk - Lq. Key j is visible to query i iff
+kpm[b, j] (when given), j <= i + OFF (when causal) and j > i + OFF - WINDOW (when WINDOW > 0).
+A query with no visible key gets O = 0 and lse = -inf.
+
+Kernels (no autograd here):
+  _fwd_kernel      O and lse by the online softmax, key blocks outside the causal / window band
+                   are skipped.
+  _probe_kernel    P[r, c] = exp(scale q_r . k_c - lse_r) for R probe rows x C probe columns:
+                   R x C x D work, no L x L matrix.
+  _delta_kernel    delta_i = sum_d dO_id O_id + extra_i (extra carries the probe-gradient term, see
+                   abft_fast/probe_math.py for the derivation).
+  _bwd_dkdv_kernel dK, dV for one key block, looping over the G query heads of its group and the
+                   visible query blocks (no atomics: the group sum happens in registers).
+  _bwd_dq_kernel   dQ for one query block.
+The backward recomputes P = exp(S - lse) from the stored lse and uses dS = P (dP - delta).
+Everything accumulates in float32; 16-bit inputs feed the tensor-core dots in their own dtype,
+float32 inputs use IEEE float32 dots (no TF32), so results match PyTorch's float32 matmul.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _visible(offs_m, offs_n, Lq, Lk, kp_ok, OFF, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """[BM, BN] visibility of keys offs_n to queries offs_m (kp_ok: [BN] padding, in-range)."""
+    ok = (offs_m[:, None] < Lq) & kp_ok[None, :]
+    if CAUSAL:
+        qpos = offs_m[:, None] + OFF
+        ok = ok & (offs_n[None, :] <= qpos)
+        if WINDOW > 0:
+            ok = ok & (offs_n[None, :] > qpos - WINDOW)
+    return ok
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with float32 accumulation. UPCAST feeds float32 operands (after rounding to the input
+    dtype): Triton's CPU interpreter multiplies bfloat16 operands as raw bits."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _key_ok(kpm_ptr, s_kpm_b, b, offs_n, Lk, HAS_KPM: tl.constexpr):
+    ok = offs_n < Lk
+    if HAS_KPM:
+        kp = tl.load(kpm_ptr + b * s_kpm_b + offs_n, mask=ok, other=0)
+        ok = ok & (kp != 0)
+    return ok
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, KPM,
+                s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_ob, s_oh, s_ol, s_kpm_b,
+                Hq, G, Lq, Lk, D, sm_scale,
+                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                PREC: tl.constexpr, UPCAST: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // G
+    OFF = Lk - Lq
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_ql + offs_d[None, :],
+                mask=(offs_m[:, None] < Lq) & dmask[None, :], other=0.0)
+    k_base = K + b * s_kb + hk * s_kh
+    v_base = V + b * s_vb + hk * s_vh
+    qk_scale = sm_scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo = 0
+    hi = Lk
+    if CAUSAL:
+        hi = tl.minimum(Lk, pid_m * BLOCK_M + BLOCK_M + OFF)
+        if WINDOW > 0:
+            lo = tl.maximum(0, pid_m * BLOCK_M + OFF - WINDOW + 1)
+            lo = (lo // BLOCK_N) * BLOCK_N
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kp_ok = _key_ok(KPM, s_kpm_b, b, offs_n, Lk, HAS_KPM)
+        kt = tl.load(k_base + offs_n[None, :] * s_kl + offs_d[:, None],
+                     mask=(offs_n[None, :] < Lk) & dmask[:, None], other=0.0)
+        s = _dot(q, kt, PREC, UPCAST) * qk_scale
+        ok = _visible(offs_m, offs_n, Lq, Lk, kp_ok, OFF, CAUSAL, WINDOW)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * s_vl + offs_d[None, :],
+                    mask=(offs_n[:, None] < Lk) & dmask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, UPCAST)
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Lq) & dmask[None, :])
+    tl.store(LSE + bh * Lq + offs_m, lse, mask=offs_m < Lq)
+
+
+@triton.jit
+def _probe_kernel(Q, K, LSE, ROWS, COLS, P, KPM,
+                  s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_kpm_b,
+                  Hq, G, Lq, Lk, D, R, C, sm_scale,
+                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
+                  FULL_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per (b, h, probe slot r); loops over the C probe columns in blocks."""
+    slot = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // G
+    OFF = Lk - Lq
+    row = tl.load(ROWS + b * R + slot)
+    row_ok = row >= 0
+    row_c = tl.maximum(row, 0)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    q = tl.load(Q + b * s_qb + h * s_qh + row_c * s_ql + offs_d, mask=dmask, other=0.0)
+    q = q.to(tl.float32)
+    lse = tl.load(LSE + bh * Lq + row_c)
+    row_ok = row_ok & (lse != float("-inf"))
+    lse = tl.where(row_ok, lse, 0.0)
+    for start_c in tl.range(0, C, BLOCK_C):
+        offs_c = start_c + tl.arange(0, BLOCK_C)
+        cmask = offs_c < C
+        if FULL_ROWS:
+            col = offs_c
+        else:
+            col = tl.load(COLS + b * C + offs_c, mask=cmask, other=-1)
+        ok = cmask & (col >= 0) & row_ok
+        col_c = tl.maximum(col, 0)
+        if HAS_KPM:
+            kp = tl.load(KPM + b * s_kpm_b + col_c, mask=cmask, other=0)
+            ok = ok & (kp != 0)
+        if CAUSAL:
+            ok = ok & (col_c <= row_c + OFF)
+            if WINDOW > 0:
+                ok = ok & (col_c > row_c + OFF - WINDOW)
+        k = tl.load(K + b * s_kb + hk * s_kh + col_c[:, None] * s_kl + offs_d[None, :],
+                    mask=cmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        s = tl.sum(k * q[None, :], 1) * sm_scale
+        p = tl.where(ok, tl.exp(tl.where(ok, s - lse, 0.0)), 0.0)
+        tl.store(P + (bh * R + slot) * C + offs_c, p, mask=cmask)
+
+
+@triton.jit
+def _delta_kernel(O, DO, EXTRA, DELTA, s_ob, s_oh, s_ol, s_db, s_dh, s_dl, Hq, Lq, D,
+                  HAS_EXTRA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    msk = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
+    o = tl.load(O + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :], mask=msk,
+                other=0.0).to(tl.float32)
+    do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dl + offs_d[None, :], mask=msk,
+                 other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    if HAS_EXTRA:
+        delta += tl.load(EXTRA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    tl.store(DELTA + bh * Lq + offs_m, delta, mask=offs_m < Lq)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM,
+                     s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_db, s_dh, s_dl,
+                     s_kpm_b, Hq, Hkv, G, Lq, Lk, D, sm_scale,
+                     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PREC: tl.constexpr, UPCAST: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // Hkv
+    hk = bhk % Hkv
+    OFF = Lk - Lq
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    nmask = (offs_n[:, None] < Lk) & dmask[None, :]
+    k = tl.load(K + b * s_kb + hk * s_kh + offs_n[:, None] * s_kl + offs_d[None, :], mask=nmask,
+                other=0.0)
+    v = tl.load(V + b * s_vb + hk * s_vh + offs_n[:, None] * s_vl + offs_d[None, :], mask=nmask,
+                other=0.0)
+    kp_ok = _key_ok(KPM, s_kpm_b, b, offs_n, Lk, HAS_KPM)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    lo = 0
+    hi = Lq
+    if CAUSAL:
+        lo = tl.maximum(0, pid_n * BLOCK_N - OFF)
+        lo = (lo // BLOCK_M) * BLOCK_M
+        if WINDOW > 0:
+            hi = tl.minimum(Lq, pid_n * BLOCK_N + BLOCK_N - 1 + WINDOW - OFF)
+    for g in range(0, G):
+        h = hk * G + g
+        bh = b * Hq + h
+        q_base = Q + b * s_qb + h * s_qh
+        do_base = DO + b * s_db + h * s_dh
+        for start_m in tl.range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            mmask = (offs_m[:, None] < Lq) & dmask[None, :]
+            q = tl.load(q_base + offs_m[:, None] * s_ql + offs_d[None, :], mask=mmask, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * s_dl + offs_d[None, :], mask=mmask, other=0.0)
+            lse = tl.load(LSE + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+            st = _dot(k, tl.trans(q), PREC, UPCAST) * qk_scale  # [BN, BM]
+            ok = tl.trans(_visible(offs_m, offs_n, Lq, Lk, kp_ok, OFF, CAUSAL, WINDOW))
+            pt = tl.where(ok, tl.exp2(st - lse2[None, :]), 0.0)
+            dv += _dot(pt.to(do.dtype), do, PREC, UPCAST)
+            dpt = _dot(v, tl.trans(do), PREC, UPCAST)
+            dst = pt * (dpt - delta[None, :])
+            dk += _dot(dst.to(q.dtype), q, PREC, UPCAST)
+    dk = dk * sm_scale
+    tl.store(DK + bhk * Lk * D + offs_n[:, None] * D + offs_d[None, :], dk, mask=nmask)
+    tl.store(DV + bhk * Lk * D + offs_n[:, None] * D + offs_d[None, :], dv, mask=nmask)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM,
+                   s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_db, s_dh, s_dl,
+                   s_kpm_b, Hq, G, Lq, Lk, D, sm_scale,
+                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   PREC: tl.constexpr, UPCAST: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // G
+    OFF = Lk - Lq
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    mmask = (offs_m[:, None] < Lq) & dmask[None, :]
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_ql + offs_d[None, :], mask=mmask,
+                other=0.0)
+    do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dl + offs_d[None, :], mask=mmask,
+                 other=0.0)
+    lse = tl.load(LSE + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    k_base = K + b * s_kb + hk * s_kh
+    v_base = V + b * s_vb + hk * s_vh
+    qk_scale = sm_scale * 1.4426950408889634
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo = 0
+    hi = Lk
+    if CAUSAL:
+        hi = tl.minimum(Lk, pid_m * BLOCK_M + BLOCK_M + OFF)
+        if WINDOW > 0:
+            lo = tl.maximum(0, pid_m * BLOCK_M + OFF - WINDOW + 1)
+            lo = (lo // BLOCK_N) * BLOCK_N
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kp_ok = _key_ok(KPM, s_kpm_b, b, offs_n, Lk, HAS_KPM)
+        nmask = (offs_n[None, :] < Lk) & dmask[:, None]
+        kt = tl.load(k_base + offs_n[None, :] * s_kl + offs_d[:, None], mask=nmask, other=0.0)
+        vt = tl.load(v_base + offs_n[None, :] * s_vl + offs_d[:, None], mask=nmask, other=0.0)
+        s = _dot(q, kt, PREC, UPCAST) * qk_scale
+        ok = _visible(offs_m, offs_n, Lq, Lk, kp_ok, OFF, CAUSAL, WINDOW)
+        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = _dot(do, vt, PREC, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(kt.dtype), tl.trans(kt), PREC, UPCAST)
+    dq = dq * sm_scale
+    tl.store(DQ + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :], dq, mask=mmask)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+
+
+def _cfg(d_pad: int, device: torch.device, kind: str):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) by head dim, pass and GPU generation."""
+    if _interpreting() or device.type != "cuda":
+        return 16, 16, 4, 1
+    major, _ = torch.cuda.get_device_capability(device)
+    big = d_pad > 128
+    if kind == "fwd":
+        if big:
+            return 64, 32, 8, 2
+        if major >= 9:
+            return 128, 64 if d_pad > 64 else 128, 8, 3
+        return 128, 64, 4 if d_pad <= 64 else 8, 3
+    if kind == "dkdv":
+        return (32, 64, 8, 2) if big else (64, 128 if d_pad <= 64 else 64, 8 if major >= 9 else 4,
+                                           2 if major >= 9 else 3)
+    return (64, 32, 8, 2) if big else (128, 64, 8, 2)
+
+
+def _prep(q, k, v, kpm):
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if kpm is not None:
+        kpm = kpm.to(torch.uint8).contiguous()
+    return q, k, v, kpm
+
+
+def _common(q, k, kpm, causal, window):
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    block_d = max(16, triton.next_power_of_2(d))
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    flags = dict(CAUSAL=bool(causal), WINDOW=int(window or 0), HAS_KPM=kpm is not None)
+    upcast = _interpreting() and q.dtype == torch.bfloat16
+    kpm_arg = kpm if kpm is not None else q  # dummy pointer, never read
+    s_kpm = kpm.stride(0) if kpm is not None else 0
+    return b, hq, hkv, lq, lk, d, block_d, prec, flags, kpm_arg, s_kpm, upcast
+
+
+def attention_fwd(q, k, v, key_padding_mask=None, *, causal=True, window=None, scale=None):
+    """q [B,Hq,Lq,D], k/v [B,Hkv,Lk,D] (fp16/bf16/fp32) -> out [B,Hq,Lq,D], lse [B,Hq,Lq] fp32.
+
+    key_padding_mask: [B, Lk] bool/uint8 (True = real) or None. lse is -inf on empty rows."""
+    q, k, v, kpm = _prep(q, k, v, key_padding_mask)
+    b, hq, hkv, lq, lk, d, block_d, prec, flags, kpm_arg, s_kpm, upcast = _common(q, k, kpm, causal,
+                                                                         window)
+    scale = d ** -0.5 if scale is None else float(scale)
+    out = torch.empty(b, hq, lq, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device)
+    bm, bn, warps, stages = _cfg(block_d, q.device, "fwd")
+    grid = (triton.cdiv(lq, bm), b * hq)
+    _fwd_kernel[grid](q, k, v, out, lse, kpm_arg,
+                      *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], s_kpm,
+                      hq, hq // hkv, lq, lk, d, scale, **flags, BLOCK_M=bm, BLOCK_N=bn,
+                      BLOCK_D=block_d, PREC=prec, UPCAST=upcast, num_warps=warps, num_stages=stages)
+    return out, lse
+
+
+def probe_fwd(q, k, lse, rows, cols=None, key_padding_mask=None, *, causal=True, window=None,
+              scale=None):
+    """P[b, h, r, c] = exp(scale q[b,h,rows[b,r]] . k[b,h//G,cols[b,c]] - lse[b,h,rows[b,r]]).
+
+    rows [B,R] int64, cols [B,C] int64 or None (all Lk keys); -1 slots, masked pairs and empty rows
+    give 0. Returns [B,Hq,R,C] float32."""
+    q, k, _, kpm = _prep(q, k, k, key_padding_mask)
+    b, hq, hkv, lq, lk, d, block_d, prec, flags, kpm_arg, s_kpm, upcast = _common(q, k, kpm, causal,
+                                                                         window)
+    scale = d ** -0.5 if scale is None else float(scale)
+    rows = rows.contiguous()
+    r = rows.shape[1]
+    c = lk if cols is None else cols.shape[1]
+    p = torch.empty(b, hq, r, c, dtype=torch.float32, device=q.device)
+    if r == 0 or c == 0:
+        return p
+    cols_arg = rows if cols is None else cols.contiguous()
+    block_c = 16 if _interpreting() else min(128, max(16, triton.next_power_of_2(c)))
+    _probe_kernel[(r, b * hq)](q, k, lse.contiguous(), rows, cols_arg, p, kpm_arg,
+                               *q.stride()[:3], *k.stride()[:3], s_kpm, hq, hq // hkv, lq, lk, d, r,
+                               c, scale, **flags, FULL_ROWS=cols is None, BLOCK_C=block_c,
+                               BLOCK_D=block_d)
+    return p
+
+
+def attention_bwd(q, k, v, out, lse, dout, key_padding_mask=None, *, causal=True, window=None,
+                  scale=None, delta_extra=None):
+    """Flash backward -> dq [B,Hq,Lq,D], dk, dv [B,Hkv,Lk,D], all float32.
+
+    delta_extra: optional [B,Hq,Lq] float32 added to delta = rowsum(dout * out) (the probe term)."""
+    q, k, v, kpm = _prep(q, k, v, key_padding_mask)
+    out = out if out.stride(-1) == 1 else out.contiguous()
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    if dout.dtype != q.dtype:
+        dout = dout.to(q.dtype)
+    b, hq, hkv, lq, lk, d, block_d, prec, flags, kpm_arg, s_kpm, upcast = _common(q, k, kpm, causal,
+                                                                         window)
+    scale = d ** -0.5 if scale is None else float(scale)
+    lse = lse.contiguous()
+    delta = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device)
+    bm_d = 16 if _interpreting() else 64
+    extra = delta_extra.contiguous() if delta_extra is not None else delta
+    _delta_kernel[(triton.cdiv(lq, bm_d), b * hq)](
+        out, dout, extra, delta, *out.stride()[:3], *dout.stride()[:3], hq, lq, d,
+        HAS_EXTRA=delta_extra is not None, BLOCK_M=bm_d, BLOCK_D=block_d)
+    dq = torch.empty(b, hq, lq, d, dtype=torch.float32, device=q.device)
+    dk = torch.empty(b, hkv, lk, d, dtype=torch.float32, device=q.device)
+    dv = torch.empty(b, hkv, lk, d, dtype=torch.float32, device=q.device)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], s_kpm)
+    bm, bn, warps, stages = _cfg(block_d, q.device, "dkdv")
+    _bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * hkv)](
+        q, k, v, dout, lse, delta, dk, dv, kpm_arg, *strides, hq, hkv, hq // hkv, lq, lk, d,
+        scale, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, PREC=prec, UPCAST=upcast, num_warps=warps,
+        num_stages=stages)
+    bm, bn, warps, stages = _cfg(block_d, q.device, "dq")
+    _bwd_dq_kernel[(triton.cdiv(lq, bm), b * hq)](
+        q, k, v, dout, lse, delta, dq, kpm_arg, *strides, hq, hq // hkv, lq, lk, d, scale,
+        **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, PREC=prec, UPCAST=upcast, num_warps=warps,
+        num_stages=stages)
+    return dq, dk, dv
+
+
+__all__ = ["attention_fwd", "attention_bwd", "probe_fwd"]
