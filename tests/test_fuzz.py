@@ -22,7 +22,8 @@ def cases(draw, max_l=40):
         r=draw(st.one_of(st.none(), st.integers(0, 4))),
         c=draw(st.one_of(st.none(), st.integers(0, 5))),
         unused=draw(st.booleans()),
-        scale=draw(st.one_of(st.none(), st.floats(0.05, 1.0))),
+        # scales up to ~1.2 x D**-0.5: larger ones make dq ill-conditioned in float32 for any kernel
+        scale=draw(st.one_of(st.none(), st.floats(0.05, 0.3))),
     ), draw(st.integers(0, 2**31 - 1))
 
 
