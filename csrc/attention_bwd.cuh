@@ -1,0 +1,219 @@
+// Backward kernels. With P = exp(scale q.k - lse) (0 where masked), dP = dO V^T and
+// delta_r = sum_d dO_rd O_rd + delta_extra_r:
+//   dS = P * (dP - delta),  dV = P^T dO,  dK = scale dS^T Q,  dQ = scale dS K.
+// Three launches, no atomics (deterministic):
+//   attention_delta_kernel: delta [B, Hq, Lq];
+//   attention_dkdv_kernel:  grid (cdiv(Lk, BN), Hkv, B); a block owns BN keys of one key/value
+//     head, loops over the query heads of its GQA group and their visible query tiles, and sums
+//     dK, dV in shared memory;
+//   attention_dq_kernel:    grid (cdiv(Lq, BM), Hq, B); a block owns BM query rows and loops over
+//     their visible key tiles.
+#pragma once
+
+#include "attention_common.cuh"
+
+namespace abft {
+
+template <class T, int P> struct DkvCfg {
+  static constexpr Tile t = pick_tile<T, P, DkvSmem>();
+  static_assert(t.bm > 0, "no dk/dv tile fits the shared-memory budget");
+  static constexpr int BM = t.bm, BN = t.bn;
+  using Smem = DkvSmem<T, P, BM, BN>;
+};
+
+template <class T, int P> struct DqCfg {
+  static constexpr Tile t = pick_tile<T, P, DqSmem>();
+  static_assert(t.bm > 0, "no dq tile fits the shared-memory budget");
+  static constexpr int BM = t.bm, BN = t.bn;
+  using Smem = DqSmem<T, P, BM, BN>;
+};
+
+constexpr int kDeltaRows = kThreads;  // rows per block of the delta kernel (one thread per row)
+
+// delta[row] = sum_d dout[row, d] * out[row, d] + (delta_extra ? delta_extra[row] : 0)
+template <class T>
+__global__ void __launch_bounds__(kThreads) attention_delta_kernel(BwdArgs a) {
+  const Shape& s = a.s;
+  const int64_t row = (int64_t)blockIdx.x * kDeltaRows + threadIdx.x;  // flat (b, h, i)
+  const int64_t n = (int64_t)s.B * s.Hq * s.Lq;
+  if (row >= n) return;
+  const int i = (int)(row % s.Lq);
+  const int64_t bh = row / s.Lq;
+  const int h = (int)(bh % s.Hq), b = (int)(bh / s.Hq);
+  const T* o = static_cast<const T*>(a.out) + b * a.out_st.b + h * a.out_st.h + i * a.out_st.l;
+  const T* g = static_cast<const T*>(a.dout) + b * a.dout_st.b + h * a.dout_st.h +
+               i * a.dout_st.l;
+  float acc = 0.0f;
+  for (int d = 0; d < s.D; ++d) acc = fmaf(to_f(o[d]), to_f(g[d]), acc);
+  if (a.delta_extra != nullptr) acc += a.delta_extra[row];
+  a.delta[row] = acc;
+}
+
+// Shared by both kernels: given S = Q K^T in sS and dP = dO V^T in sdP (both [BM][lds]) for query
+// rows m0.. and keys n0.., write P (into sP) and dS = P (dP - delta) (into sdS) as T.
+template <class T, int BM, int BN, int lds, int ldp>
+__device__ __forceinline__ void probs_and_dscores(const Visibility& vis, float scale, int m0,
+                                                  int n0, const float* sS, const float* sdP,
+                                                  const float* sLse, const float* sDelta, T* sP,
+                                                  T* sdS) {
+  for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
+    const int r = e / BN, c = e % BN;
+    const float lse = sLse[r];
+    // lse = -inf: a row with no visible key (or a padding row), whose P is 0
+    const float p = (lse != -INFINITY && vis(m0 + r, n0 + c))
+                        ? expf(sS[r * lds + c] * scale - lse) : 0.0f;
+    const float ds = p * (sdP[r * lds + c] - sDelta[r]);
+    if (sP != nullptr) sP[r * ldp + c] = from_f<T>(p);  // fp32: may overwrite sS[r][c] in place
+    sdS[r * ldp + c] = from_f<T>(ds);                    // fp32: may overwrite sdP[r][c] in place
+  }
+}
+
+// lse / delta rows m0.. of head (b, h) into smem; rows >= Lq get lse = -inf (P = 0) and delta 0.
+template <int BM>
+__device__ __forceinline__ void load_row_stats(float* sLse, float* sDelta, const BwdArgs& a,
+                                               int64_t row_base, int m0) {
+  for (int r = threadIdx.x; r < BM; r += kThreads) {
+    const bool ok = m0 + r < a.s.Lq;
+    sLse[r] = ok ? a.lse[row_base + m0 + r] : -INFINITY;
+    sDelta[r] = ok ? a.delta[row_base + m0 + r] : 0.0f;
+  }
+}
+
+template <class T, int P>
+__global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(BwdArgs a) {
+  constexpr int BM = DkvCfg<T, P>::BM, BN = DkvCfg<T, P>::BN;
+  using L = typename DkvCfg<T, P>::Smem;
+  const Shape& s = a.s;
+  const int n0 = blockIdx.x * BN, hk = blockIdx.y, b = blockIdx.z;
+  const int group = s.Hq / s.Hkv;
+  const Visibility vis(s, b);
+
+  unsigned char* sm = smem_base();
+  T* sK = reinterpret_cast<T*>(sm + L::k);
+  T* sV = reinterpret_cast<T*>(sm + L::v);
+  float* sdK = reinterpret_cast<float*>(sm + L::dk);
+  float* sdV = reinterpret_cast<float*>(sm + L::dv);
+  T* sQ = reinterpret_cast<T*>(sm + L::q);
+  T* sdO = reinterpret_cast<T*>(sm + L::dout);
+  float* sS = reinterpret_cast<float*>(sm + L::s);
+  float* sdP = reinterpret_cast<float*>(sm + L::dp);
+  T* sP = reinterpret_cast<T*>(sm + L::p);
+  T* sdS = reinterpret_cast<T*>(sm + L::ds);
+  float* sLse = reinterpret_cast<float*>(sm + L::lse);
+  float* sDelta = reinterpret_cast<float*>(sm + L::delta);
+
+  load_tile<BN, P>(sK, L::ldt, static_cast<const T*>(a.k) + b * a.k_st.b + hk * a.k_st.h,
+                   a.k_st.l, n0, s.Lk, s.D);
+  load_tile<BN, P>(sV, L::ldt, static_cast<const T*>(a.v) + b * a.v_st.b + hk * a.v_st.h,
+                   a.v_st.l, n0, s.Lk, s.D);
+  zero_acc<BN, P>(sdK, L::lda);
+  zero_acc<BN, P>(sdV, L::lda);
+
+  int i0, i1;
+  vis.query_range(n0, min(n0 + BN, s.Lk), &i0, &i1);
+  for (int h = hk * group; h < (hk + 1) * group; ++h) {
+    const T* q = static_cast<const T*>(a.q) + b * a.q_st.b + h * a.q_st.h;
+    const T* dout = static_cast<const T*>(a.dout) + b * a.dout_st.b + h * a.dout_st.h;
+    const int64_t row_base = ((int64_t)b * s.Hq + h) * s.Lq;
+    for (int m0 = i0; m0 < i1; m0 += BM) {
+      load_tile<BM, P>(sQ, L::ldt, q, a.q_st.l, m0, s.Lq, s.D);
+      load_tile<BM, P>(sdO, L::ldt, dout, a.dout_st.l, m0, s.Lq, s.D);
+      load_row_stats<BM>(sLse, sDelta, a, row_base, m0);
+      __syncthreads();  // Q, dO, stats (and K, V, zeroed dK, dV) ready
+      gemm_nt<BM, BN, P>(sS, L::lds, sQ, L::ldt, sK, L::ldt);
+      gemm_nt<BM, BN, P>(sdP, L::lds, sdO, L::ldt, sV, L::ldt);
+      __syncthreads();
+      probs_and_dscores<T, BM, BN, L::lds, L::ldp>(vis, s.scale, m0, n0, sS, sdP, sLse, sDelta,
+                                                   sP, sdS);
+      __syncthreads();
+      gemm_tn_acc<BN, P, BM>(sdV, L::lda, sP, L::ldp, sdO, L::ldt);  // dV += P^T dO
+      gemm_tn_acc<BN, P, BM>(sdK, L::lda, sdS, L::ldp, sQ, L::ldt);  // dK += dS^T Q
+      __syncthreads();  // before the next tile overwrites Q, dO, P, dS
+    }
+  }
+  __syncthreads();  // no query tile at all: zeroed dK, dV written by other threads
+  const int64_t kv_base = ((int64_t)b * s.Hkv + hk) * s.Lk * s.D;
+  store_rows<BN, P>(static_cast<T*>(a.dk) + kv_base, sdK, L::lda, s.scale,
+                    a.dk_extra ? a.dk_extra + kv_base : nullptr, n0, s.Lk, s.D);
+  store_rows<BN, P>(static_cast<T*>(a.dv) + kv_base, sdV, L::lda, 1.0f, nullptr, n0, s.Lk, s.D);
+}
+
+template <class T, int P>
+__global__ void __launch_bounds__(kThreads) attention_dq_kernel(BwdArgs a) {
+  constexpr int BM = DqCfg<T, P>::BM, BN = DqCfg<T, P>::BN;
+  using L = typename DqCfg<T, P>::Smem;
+  const Shape& s = a.s;
+  const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / (s.Hq / s.Hkv);
+  const Visibility vis(s, b);
+
+  unsigned char* sm = smem_base();
+  T* sQ = reinterpret_cast<T*>(sm + L::q);
+  T* sdO = reinterpret_cast<T*>(sm + L::dout);
+  float* sdQ = reinterpret_cast<float*>(sm + L::dq);
+  T* sK = reinterpret_cast<T*>(sm + L::k);
+  T* sV = reinterpret_cast<T*>(sm + L::v);
+  float* sS = reinterpret_cast<float*>(sm + L::s);
+  float* sdP = reinterpret_cast<float*>(sm + L::dp);
+  T* sdS = reinterpret_cast<T*>(sm + L::ds);
+  float* sLse = reinterpret_cast<float*>(sm + L::lse);
+  float* sDelta = reinterpret_cast<float*>(sm + L::delta);
+
+  const T* k = static_cast<const T*>(a.k) + b * a.k_st.b + hk * a.k_st.h;
+  const T* v = static_cast<const T*>(a.v) + b * a.v_st.b + hk * a.v_st.h;
+  const int64_t row_base = ((int64_t)b * s.Hq + h) * s.Lq;
+  load_tile<BM, P>(sQ, L::ldt, static_cast<const T*>(a.q) + b * a.q_st.b + h * a.q_st.h,
+                   a.q_st.l, m0, s.Lq, s.D);
+  load_tile<BM, P>(sdO, L::ldt,
+                   static_cast<const T*>(a.dout) + b * a.dout_st.b + h * a.dout_st.h,
+                   a.dout_st.l, m0, s.Lq, s.D);
+  load_row_stats<BM>(sLse, sDelta, a, row_base, m0);
+  zero_acc<BM, P>(sdQ, L::lda);
+
+  int j0, j1;
+  vis.key_range(m0, min(m0 + BM, s.Lq), &j0, &j1);
+  for (int n0 = j0; n0 < j1; n0 += BN) {
+    load_tile<BN, P>(sK, L::ldt, k, a.k_st.l, n0, s.Lk, s.D);
+    load_tile<BN, P>(sV, L::ldt, v, a.v_st.l, n0, s.Lk, s.D);
+    __syncthreads();  // K, V (and Q, dO, stats, zeroed dQ) ready
+    gemm_nt<BM, BN, P>(sS, L::lds, sQ, L::ldt, sK, L::ldt);
+    gemm_nt<BM, BN, P>(sdP, L::lds, sdO, L::ldt, sV, L::ldt);
+    __syncthreads();
+    probs_and_dscores<T, BM, BN, L::lds, L::ldp>(vis, s.scale, m0, n0, sS, sdP, sLse, sDelta,
+                                                 static_cast<T*>(nullptr), sdS);
+    __syncthreads();
+    gemm_nn_acc<BM, P, BN>(sdQ, L::lda, sdS, L::ldp, sK, L::ldt);  // dQ += dS K
+    __syncthreads();  // before the next tile overwrites K, V, dS
+  }
+  __syncthreads();
+  store_rows<BM, P>(static_cast<T*>(a.dq) + row_base * s.D, sdQ, L::lda, s.scale,
+                    a.dq_extra ? a.dq_extra + row_base * s.D : nullptr, m0, s.Lq, s.D);
+}
+
+}  // namespace abft
+
+namespace abft {
+
+// Checks the arguments and calls launch(kernel, grid, smem_bytes, args) -> error or nullptr for
+// the delta, dk / dv and dq kernels in turn.
+template <class Launch> const char* run_attention_bwd(const BwdArgs& a, Launch&& launch) {
+  if (const char* err = check_shape(a.s)) return err;
+  return dispatch(a.dtype, a.s.D, [&](auto tt, auto pc) -> const char* {
+    using T = typename decltype(tt)::type;
+    constexpr int P = decltype(pc)::value;
+    const int64_t rows = (int64_t)a.s.B * a.s.Hq * a.s.Lq;
+    if (rows / kDeltaRows >= 0x7fffffff) return "B * Hq * Lq is too large";
+    const char* err = launch(&attention_delta_kernel<T>,
+                             dim3((unsigned)((rows + kDeltaRows - 1) / kDeltaRows)), 0, a);
+    if (err) return err;
+    using Ckv = DkvCfg<T, P>;
+    err = launch(&attention_dkdv_kernel<T, P>, dim3(cdiv(a.s.Lk, Ckv::BN), a.s.Hkv, a.s.B),
+                 Ckv::Smem::bytes, a);
+    if (err) return err;
+    using Cq = DqCfg<T, P>;
+    return launch(&attention_dq_kernel<T, P>, dim3(cdiv(a.s.Lq, Cq::BM), a.s.Hq, a.s.B),
+                  Cq::Smem::bytes, a);
+  });
+}
+
+}  // namespace abft

@@ -1,0 +1,209 @@
+// Torch binding of the CUDA attention kernels (attention.h): argument checks, output allocation,
+// current-stream launch. Exposes
+//   fwd(q, k, v, key_padding_mask, causal, scale, window) -> [out, lse]
+//   bwd(dout, q, k, v, out, lse, key_padding_mask, delta_extra, dq_extra, dk_extra,
+//       causal, scale, window) -> [dq, dk, dv]
+// with the shapes and meaning of attention.h (window <= 0: none). Compiled with -DABFT_EMULATION
+// (tests only) it takes CPU tensors and runs the kernels through the CPU emulation instead.
+#include <torch/extension.h>
+
+#ifndef ABFT_EMULATION
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+#include <limits>
+#include <vector>
+
+#include "attention.h"
+
+namespace {
+
+using at::Tensor;
+
+abft::DType dtype_of(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return abft::DType::F32;
+    case at::kHalf: return abft::DType::F16;
+    case at::kBFloat16: return abft::DType::BF16;
+    default:
+      TORCH_CHECK(false, "abft_fast CUDA attention supports float32, float16 and bfloat16 inputs; "
+                         "got ", t.scalar_type());
+  }
+}
+
+void check_device(const Tensor& t, const char* name, const Tensor& ref) {
+#ifdef ABFT_EMULATION
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor (emulation build)");
+#else
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
+#endif
+  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but q is on ",
+              ref.device());
+}
+
+// 4-D tensor of q's dtype and device, with a contiguous last dimension.
+Tensor prepare4(const Tensor& t, const char* name, const Tensor& q) {
+  TORCH_CHECK(t.dim() == 4, name, " must be 4-D [B, H, L, D], got ", t.dim(), "-D");
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), name, " has dtype ", t.scalar_type(),
+              " but q has ", q.scalar_type());
+  check_device(t, name, q);
+  return t.stride(3) == 1 ? t : t.contiguous();
+}
+
+abft::Strides strides_of(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+// Optional contiguous float32 tensor of the given shape, or an undefined tensor.
+Tensor prepare_f32(const c10::optional<Tensor>& t, const char* name, at::IntArrayRef shape,
+                   const Tensor& q) {
+  if (!t.has_value() || !t->defined()) return Tensor();
+  TORCH_CHECK(t->scalar_type() == at::kFloat, name, " must be float32, got ", t->scalar_type());
+  TORCH_CHECK(t->sizes() == shape, name, " must have shape ", shape, ", got ", t->sizes());
+  check_device(*t, name, q);
+  return t->contiguous();
+}
+
+const float* ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+int to_int(int64_t x, const char* what) {
+  TORCH_CHECK(x >= 0 && x <= std::numeric_limits<int>::max(), what, " = ", x, " is too large");
+  return static_cast<int>(x);
+}
+
+// Shape (and the key padding mask, kept alive in *kpm_keep) from q [B,Hq,Lq,D], k [B,Hkv,Lk,D].
+abft::Shape make_shape(const Tensor& q, const Tensor& k, const Tensor& v,
+                       const c10::optional<Tensor>& kpm, bool causal, double scale,
+                       int64_t window, Tensor* kpm_keep) {
+  TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have the same shape, got ", k.sizes(),
+              " and ", v.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0), "k batch size ", k.size(0), " != q batch size ", q.size(0));
+  TORCH_CHECK(k.size(3) == q.size(3), "k head dim ", k.size(3), " != q head dim ", q.size(3));
+  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= abft::kMaxHeadDim,
+              "abft_fast CUDA attention supports head dims 1..", abft::kMaxHeadDim, ", got ",
+              q.size(3));
+  TORCH_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0, "q heads (", q.size(1),
+              ") must be a multiple of k/v heads (", k.size(1), ")");
+  abft::Shape s;
+  s.B = to_int(q.size(0), "B");
+  s.Hq = to_int(q.size(1), "Hq");
+  s.Hkv = to_int(k.size(1), "Hkv");
+  s.Lq = to_int(q.size(2), "Lq");
+  s.Lk = to_int(k.size(2), "Lk");
+  s.D = to_int(q.size(3), "D");
+  s.scale = static_cast<float>(scale);
+  s.causal = causal ? 1 : 0;
+  s.window = window > 0 ? to_int(window, "window") : 0;
+  s.kpm = nullptr;
+  s.kpm_stride = 0;
+  if (kpm.has_value() && kpm->defined()) {
+    const Tensor& m = *kpm;
+    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == at::kByte,
+                "key_padding_mask must be bool or uint8, got ", m.scalar_type());
+    TORCH_CHECK(m.dim() == 2 && m.size(0) == q.size(0) && m.size(1) == k.size(2),
+                "key_padding_mask must have shape [B, Lk] = [", q.size(0), ", ", k.size(2),
+                "], got ", m.sizes());
+    check_device(m, "key_padding_mask", q);
+    *kpm_keep = m.contiguous();
+    s.kpm = static_cast<const uint8_t*>(kpm_keep->data_ptr());
+    s.kpm_stride = kpm_keep->stride(0);
+  }
+  return s;
+}
+
+void* current_stream() {
+#ifdef ABFT_EMULATION
+  return nullptr;
+#else
+  return static_cast<void*>(at::cuda::getCurrentCUDAStream().stream());
+#endif
+}
+
+std::vector<Tensor> fwd(Tensor q, Tensor k, Tensor v, c10::optional<Tensor> key_padding_mask,
+                        bool causal, double scale, int64_t window) {
+  q = prepare4(q, "q", q);
+  k = prepare4(k, "k", q);
+  v = prepare4(v, "v", q);
+  Tensor kpm;
+  const abft::Shape s = make_shape(q, k, v, key_padding_mask, causal, scale, window, &kpm);
+#ifndef ABFT_EMULATION
+  const c10::cuda::CUDAGuard guard(q.device());
+#endif
+  Tensor out = at::empty({s.B, s.Hq, s.Lq, s.D}, q.options());
+  Tensor lse = at::empty({s.B, s.Hq, s.Lq}, q.options().dtype(at::kFloat));
+  abft::FwdArgs a;
+  a.dtype = dtype_of(q);
+  a.s = s;
+  a.q = q.data_ptr();
+  a.q_st = strides_of(q);
+  a.k = k.data_ptr();
+  a.k_st = strides_of(k);
+  a.v = v.data_ptr();
+  a.v_st = strides_of(v);
+  a.out = out.data_ptr();
+  a.lse = lse.data_ptr<float>();
+  const char* err = abft::attention_fwd(a, current_stream());
+  TORCH_CHECK(err == nullptr, "abft_fast CUDA attention forward failed: ", err);
+  return {out, lse};
+}
+
+std::vector<Tensor> bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
+                        c10::optional<Tensor> key_padding_mask, c10::optional<Tensor> delta_extra,
+                        c10::optional<Tensor> dq_extra, c10::optional<Tensor> dk_extra,
+                        bool causal, double scale, int64_t window) {
+  q = prepare4(q, "q", q);
+  k = prepare4(k, "k", q);
+  v = prepare4(v, "v", q);
+  out = prepare4(out, "out", q);
+  dout = prepare4(dout, "dout", q);
+  TORCH_CHECK(out.sizes() == q.sizes() && dout.sizes() == q.sizes(), "out ", out.sizes(),
+              " and dout ", dout.sizes(), " must have q's shape ", q.sizes());
+  Tensor kpm;
+  const abft::Shape s = make_shape(q, k, v, key_padding_mask, causal, scale, window, &kpm);
+  const Tensor lse_c = prepare_f32(lse, "lse", {s.B, s.Hq, s.Lq}, q);
+  const Tensor extra = prepare_f32(delta_extra, "delta_extra", {s.B, s.Hq, s.Lq}, q);
+  const Tensor dq_add = prepare_f32(dq_extra, "dq_extra", q.sizes(), q);
+  const Tensor dk_add = prepare_f32(dk_extra, "dk_extra", k.sizes(), q);
+#ifndef ABFT_EMULATION
+  const c10::cuda::CUDAGuard guard(q.device());
+#endif
+  Tensor delta = at::empty({s.B, s.Hq, s.Lq}, q.options().dtype(at::kFloat));
+  Tensor dq = at::empty({s.B, s.Hq, s.Lq, s.D}, q.options());
+  Tensor dk = at::empty({s.B, s.Hkv, s.Lk, s.D}, q.options());
+  Tensor dv = at::empty({s.B, s.Hkv, s.Lk, s.D}, q.options());
+  abft::BwdArgs a;
+  a.dtype = dtype_of(q);
+  a.s = s;
+  a.q = q.data_ptr();
+  a.q_st = strides_of(q);
+  a.k = k.data_ptr();
+  a.k_st = strides_of(k);
+  a.v = v.data_ptr();
+  a.v_st = strides_of(v);
+  a.out = out.data_ptr();
+  a.out_st = strides_of(out);
+  a.dout = dout.data_ptr();
+  a.dout_st = strides_of(dout);
+  a.lse = lse_c.data_ptr<float>();
+  a.delta_extra = ptr_or_null(extra);
+  a.dq_extra = ptr_or_null(dq_add);
+  a.dk_extra = ptr_or_null(dk_add);
+  a.delta = delta.data_ptr<float>();
+  a.dq = dq.data_ptr();
+  a.dk = dk.data_ptr();
+  a.dv = dv.data_ptr();
+  const char* err = abft::attention_bwd(a, current_stream());
+  TORCH_CHECK(err == nullptr, "abft_fast CUDA attention backward failed: ", err);
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "abft_fast CUDA attention kernels (forward: out, lse; backward: dq, dk, dv)";
+  m.def("fwd", &fwd, "attention forward -> [out, lse]", py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("key_padding_mask"), py::arg("causal"), py::arg("scale"), py::arg("window"));
+  m.def("bwd", &bwd, "attention backward -> [dq, dk, dv]", py::arg("dout"), py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("key_padding_mask"),
+        py::arg("delta_extra"), py::arg("dq_extra"), py::arg("dk_extra"), py::arg("causal"),
+        py::arg("scale"), py::arg("window"));
+}
