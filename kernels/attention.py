@@ -296,21 +296,34 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM,
 # launchers
 
 
-def _cfg(d_pad: int, device: torch.device, kind: str):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) by head dim, pass and GPU generation."""
+def _cfg(d_pad: int, device: torch.device, kind: str, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) by head dim, pass, dtype and GPU generation."""
     if _interpreting() or device.type != "cuda":
         return 16, 16, 4, 1
-    major, _ = torch.cuda.get_device_capability(device)
+    return _cfg_for(d_pad, torch.cuda.get_device_capability(device)[0], kind,
+                    dtype == torch.float32)
+
+
+def _cfg_for(d_pad: int, major: int, kind: str, fp32: bool = False):
+    """Tiles sized so that shared memory fits sm_80 (164 KB) and sm_90 (227 KB); checked by
+    tests/aot_compile.py, which compiles every configuration for both without a GPU."""
     big = d_pad > 128
+    if fp32:  # twice the bytes per element: smaller tiles
+        if kind == "fwd":
+            return (32, 32, 4, 2) if big else (64, 64, 4, 2)
+        if kind == "dkdv":
+            return (16, 32, 4, 2) if big else (32, 64, 4, 2)
+        return (32, 32, 4, 2) if big else (64, 32, 4, 2)
     if kind == "fwd":
         if big:
-            return 64, 32, 8, 2
+            return 64, 32, 4, 2
         if major >= 9:
-            return 128, 64 if d_pad > 64 else 128, 8, 3
+            return 128, 128 if d_pad <= 64 else 64, 8, 3
         return 128, 64, 4 if d_pad <= 64 else 8, 3
     if kind == "dkdv":
-        return (32, 64, 8, 2) if big else (64, 128 if d_pad <= 64 else 64, 8 if major >= 9 else 4,
-                                           2 if major >= 9 else 3)
+        if big:
+            return 32, 64, 8, 2
+        return (64, 128 if d_pad <= 64 else 64, 8 if major >= 9 else 4, 2)
     return (64, 32, 8, 2) if big else (128, 64, 8, 2)
 
 
@@ -343,7 +356,7 @@ def attention_fwd(q, k, v, key_padding_mask=None, *, causal=True, window=None, s
     scale = d ** -0.5 if scale is None else float(scale)
     out = torch.empty(b, hq, lq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device)
-    bm, bn, warps, stages = _cfg(block_d, q.device, "fwd")
+    bm, bn, warps, stages = _cfg(block_d, q.device, "fwd", q.dtype)
     grid = (triton.cdiv(lq, bm), b * hq)
     _fwd_kernel[grid](q, k, v, out, lse, kpm_arg,
                       *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], s_kpm,
@@ -401,12 +414,12 @@ def attention_bwd(q, k, v, out, lse, dout, key_padding_mask=None, *, causal=True
     dk = torch.empty(b, hkv, lk, d, dtype=torch.float32, device=q.device)
     dv = torch.empty(b, hkv, lk, d, dtype=torch.float32, device=q.device)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], s_kpm)
-    bm, bn, warps, stages = _cfg(block_d, q.device, "dkdv")
+    bm, bn, warps, stages = _cfg(block_d, q.device, "dkdv", q.dtype)
     _bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * hkv)](
         q, k, v, dout, lse, delta, dk, dv, kpm_arg, *strides, hq, hkv, hq // hkv, lq, lk, d,
         scale, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, PREC=prec, UPCAST=upcast, num_warps=warps,
         num_stages=stages)
-    bm, bn, warps, stages = _cfg(block_d, q.device, "dq")
+    bm, bn, warps, stages = _cfg(block_d, q.device, "dq", q.dtype)
     _bwd_dq_kernel[(triton.cdiv(lq, bm), b * hq)](
         q, k, v, dout, lse, delta, dq, kpm_arg, *strides, hq, hq // hkv, lq, lk, d, scale,
         **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, PREC=prec, UPCAST=upcast, num_warps=warps,
