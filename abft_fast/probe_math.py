@@ -46,31 +46,43 @@ def probe_probs_from_lse(q, k, lse, rows, cols, *, causal, window, kpm, scale):
     return torch.where(vis, torch.exp(s * scale - torch.where(vis, lr, 0.0)), 0.0)
 
 
-def probe_backward(q, k, probs, grad_probs, rows, cols, *, scale):
-    """-> (delta_extra [B,Hq,Lq] fp32, dq_direct [B,Hq,Lq,D] fp32, dk_direct [B,Hkv,Lk,D] fp32).
+def probe_delta_extra(probs, grad_probs, rows, lq):
+    """-> (ds = P * G [B,Hq,R,C], delta_extra [B,Hq,Lq] = sum_c ds scattered to the probe rows)."""
+    b, hq, r, _ = probs.shape
+    ds = probs * grad_probs.to(probs.dtype)  # 0 where P = 0 (masked or unused slots)
+    extra = torch.zeros(b, hq, lq, dtype=probs.dtype, device=probs.device)
+    extra.scatter_add_(2, rows.clamp(min=0)[:, None, :].expand(b, hq, r), ds.sum(-1))
+    return ds, extra
 
-    delta_extra is added to the flash backward's delta; dq_direct / dk_direct are added to its dq /
-    dk. The dense [.., L, D] results are mostly zeros: only probe rows / cols are written.
-    """
+
+def add_probe_direct(dq, dk, q, k, ds, rows, cols, *, scale):
+    """In place: dq[b,h,rows[r]] += scale * sum_c ds[r,c] k_c; dk[b,h//G,cols[c]] += scale *
+    sum_{h in group, r} ds[r,c] q_r. dq [B,Hq,Lq,D], dk [B,Hkv,Lk,D] float32 accumulators."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     g = hq // hkv
     r = rows.shape[1]
-    dt = probs.dtype
-    ds = probs * grad_probs.to(dt)  # [B,Hq,R,C]; 0 where P = 0 (masked or unused)
+    dt = ds.dtype
     rr = rows.clamp(min=0)
     cc = (torch.arange(lk, device=q.device).unsqueeze(0).expand(b, -1) if cols is None
           else cols.clamp(min=0))
     c = cc.shape[1]
-    delta_extra = torch.zeros(b, hq, lq, dtype=dt, device=q.device)
-    delta_extra.scatter_add_(2, rr[:, None, :].expand(b, hq, r), ds.sum(-1))
     kc = torch.gather(k, 2, cc[:, None, :, None].expand(b, hkv, c, d)).to(dt)  # [B,Hkv,C,D]
     dq_rows = torch.matmul(ds.reshape(b, hkv, g * r, c), kc).reshape(b, hq, r, d) * scale
-    dq = torch.zeros(b, hq, lq, d, dtype=dt, device=q.device)
-    dq.scatter_add_(2, rr[:, None, :, None].expand(b, hq, r, d), dq_rows)
+    dq.scatter_add_(2, rr[:, None, :, None].expand(b, hq, r, d), dq_rows.to(dq.dtype))
     qr = torch.gather(q, 2, rr[:, None, :, None].expand(b, hq, r, d)).to(dt)  # [B,Hq,R,D]
-    dk_cols = torch.matmul(ds.transpose(-1, -2), qr)  # [B,Hq,C,D]
-    dk_cols = dk_cols.reshape(b, hkv, g, c, d).sum(2) * scale
-    dk = torch.zeros(b, hkv, lk, d, dtype=dt, device=q.device)
-    dk.scatter_add_(2, cc[:, None, :, None].expand(b, hkv, c, d), dk_cols)
-    return delta_extra, dq, dk
+    dk_cols = torch.matmul(ds.transpose(-1, -2), qr).reshape(b, hkv, g, c, d).sum(2) * scale
+    dk.scatter_add_(2, cc[:, None, :, None].expand(b, hkv, c, d), dk_cols.to(dk.dtype))
+
+
+def probe_backward(q, k, probs, grad_probs, rows, cols, *, scale):
+    """-> (delta_extra [B,Hq,Lq] fp32, dq_direct [B,Hq,Lq,D] fp32, dk_direct [B,Hkv,Lk,D] fp32).
+
+    delta_extra is added to the flash backward's delta; dq_direct / dk_direct are added to its dq /
+    dk (dense, mostly zeros: prefer add_probe_direct into the kernel's own accumulators)."""
+    b, hq, lq, d = q.shape
+    ds, extra = probe_delta_extra(probs, grad_probs, rows, lq)
+    dq = torch.zeros(b, hq, lq, d, dtype=ds.dtype, device=q.device)
+    dk = torch.zeros(b, k.shape[1], k.shape[2], d, dtype=ds.dtype, device=q.device)
+    add_probe_direct(dq, dk, q, k, ds, rows, cols, scale=scale)
+    return extra, dq, dk

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .kernels import attention as K
-from .probe_math import probe_backward
+from .probe_math import add_probe_direct, probe_delta_extra
 
 
 class _FusedAttention(torch.autograd.Function):
@@ -33,14 +33,13 @@ class _FusedAttention(torch.autograd.Function):
         causal, scale, window = ctx.cfg
         if dout is None:
             dout = torch.zeros_like(out)
-        extra = dq_dir = dk_dir = None
-        if probs is not None and dprobs is not None:
-            extra, dq_dir, dk_dir = probe_backward(q, k, probs, dprobs, rows, cols, scale=scale)
+        ds = extra = None
+        if probs is not None and dprobs is not None and probs.numel():
+            ds, extra = probe_delta_extra(probs, dprobs, rows, q.shape[2])
         dq, dk, dv = K.attention_bwd(q, k, v, out, lse, dout, kpm, causal=causal, window=window,
                                      scale=scale, delta_extra=extra)
-        if dq_dir is not None:
-            dq += dq_dir
-            dk += dk_dir
+        if ds is not None:  # the R x C direct term, straight into the float32 accumulators
+            add_probe_direct(dq, dk, q, k, ds, rows, cols, scale=scale)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
