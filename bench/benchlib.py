@@ -1,0 +1,226 @@
+"""Shared pieces of the benchmark suite: size sets, FLOP counts, timing and memory helpers.
+
+Size sets (``--bench-sizes`` or ``$ABFT_BENCH_SIZES``):
+  smoke  tiny float32 shapes; the default without CUDA or with --benchmark-disable (CI).
+  quick  one GPU shape per table (bf16, d 128, GQA 4, L 4k; Llama-1B step at L 512 and 4k).
+  gpu    the full grid; the default on CUDA with timing on.
+Narrow any set with ``$ABFT_BENCH_METHODS`` / ``$ABFT_BENCH_MODES`` / ``$ABFT_BENCH_L`` /
+``$ABFT_BENCH_MODELS`` (comma lists) or with ``pytest -k``.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+SIZE_SETS = ("smoke", "quick", "gpu")
+MODES = ("fwd", "bwd", "both")
+MODE_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "both": 3.5}
+ABFT_METHODS = ("abft_triton", "abft_cuda", "abft_torch")
+SDPA_METHODS = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math")
+OP_METHODS = ABFT_METHODS + SDPA_METHODS + ("flex", "eager")
+E2E_METHODS = ("abft_triton", "abft_cuda", "abft_torch", "eager", "sdpa_recompute")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def choose_sizes(config) -> str:
+    """The size set of this session (see module docstring)."""
+    name = config.getoption("--bench-sizes", default=None) or os.environ.get("ABFT_BENCH_SIZES")
+    if name:
+        if name not in SIZE_SETS:
+            raise ValueError(f"bench sizes must be one of {SIZE_SETS}, got {name!r}")
+        return name
+    return "gpu" if torch.cuda.is_available() and timing_enabled(config) else "smoke"
+
+
+def timing_enabled(config) -> bool:
+    return not (config.getoption("benchmark_disable", default=False)
+                or config.getoption("benchmark_skip", default=False))
+
+
+def _env_list(name):
+    v = os.environ.get(name, "").strip()
+    return [s.strip() for s in v.split(",") if s.strip()] or None
+
+
+def _keep(values, env):
+    wanted = _env_list(env)
+    return [v for v in values if wanted is None or str(v) in wanted]
+
+
+# ------------------------------------------------------------------------------- op shapes
+
+@dataclass(frozen=True)
+class OpShape:
+    dtype: str
+    B: int
+    Hq: int
+    Hkv: int
+    L: int
+    D: int
+    R: int
+    C: int | None  # None = full probe rows (C = L)
+    causal: bool = True
+
+    @property
+    def id(self):
+        c = "all" if self.C is None else self.C
+        return (f"{self.dtype}-B{self.B}-H{self.Hq}-kv{self.Hkv}-L{self.L}-d{self.D}-R{self.R}"
+                f"-C{c}")
+
+    @property
+    def torch_dtype(self):
+        return DTYPES[self.dtype]
+
+
+def attention_flops(s: OpShape, mode: str) -> float:
+    """4 B H L^2 d for the forward (halved when causal); backward 2.5x, both 3.5x."""
+    f = 4.0 * s.B * s.Hq * s.L * s.L * s.D
+    if s.causal:
+        f /= 2
+    return f * MODE_FLOP_FACTOR[mode]
+
+
+def _gpu_shape(L, D, gqa, R=1, C=64, dtype="bf16"):
+    hq = 2048 // D  # model width 2048
+    return OpShape(dtype, max(1, 16384 // L), hq, hq // gqa, L, D, R, C)
+
+
+def op_cases(sizes: str) -> list:
+    """[(method, mode, probes, OpShape)] of a size set, in run order."""
+    if sizes == "smoke":
+        main = [OpShape("fp32", 1, 2, 1, 32, 16, 2, 4), OpShape("fp32", 2, 2, 2, 24, 16, 1, None)]
+        sweep = []
+    elif sizes == "quick":
+        main = [_gpu_shape(4096, 128, 4)]
+        sweep = [_gpu_shape(4096, 128, 4, R=16, C=1024)]
+    else:
+        dts = _env_list("ABFT_BENCH_DTYPES") or ["bf16"]
+        main = [_gpu_shape(L, D, g, dtype=dt) for dt in dts for D in (64, 128) for g in (1, 4)
+                for L in (1024, 4096, 16384, 32768)]
+        sweep = [_gpu_shape(L, 128, 4, R=R, C=C) for L in (4096, 16384) for R in (1, 16)
+                 for C in (64, 1024, None) if (R, C) != (1, 64)]
+    lens = _env_list("ABFT_BENCH_L")
+    main = [s for s in main if lens is None or str(s.L) in lens]
+    sweep = [s for s in sweep if lens is None or str(s.L) in lens]
+    methods, modes = _keep(OP_METHODS, "ABFT_BENCH_METHODS"), _keep(MODES, "ABFT_BENCH_MODES")
+    cases = [(m, mode, p, s) for s in main for mode in modes for m in methods for p in (False, True)
+             if not (m.startswith("sdpa_") and p)]  # SDPA + probe recompute = abft_torch
+    # probe sweep: fused backends with probes, forward + backward
+    cases += [(m, "both", True, s) for s in sweep for m in methods if m in ABFT_METHODS
+              and "both" in modes]
+    return cases
+
+
+def op_case_id(case) -> str:
+    m, mode, p, s = case
+    return f"{mode}-{m}{'+probes' if p else ''}-{s.id}"
+
+
+# ------------------------------------------------------------------------------ e2e shapes
+
+LLAMA_CONFIGS = {
+    # Llama 3.2 1B and Llama 3.1 8B architecture sizes (random weights).
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                     vocab_size=128256, tie_word_embeddings=True),
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     vocab_size=128256, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16, vocab_size=128, tie_word_embeddings=True),
+}
+
+
+@dataclass(frozen=True)
+class E2EShape:
+    model: str
+    dtype: str
+    B: int
+    L: int
+    k: int = 4  # demonstrations: probe columns = their label positions; probe row = last token
+
+    @property
+    def id(self):
+        return f"{self.model}-{self.dtype}-B{self.B}-L{self.L}"
+
+
+def e2e_cases(sizes: str) -> list:
+    """[(method, E2EShape)] of a size set, in run order (model, then L ascending)."""
+    if sizes == "smoke":
+        shapes = [E2EShape("tiny", "fp32", 1, 32)]
+    elif sizes == "quick":
+        shapes = [E2EShape("llama-1b", "bf16", 1, L) for L in (512, 4096)]
+    else:
+        shapes = [E2EShape(m, "bf16", 1, 512 * 2 ** i) for m in ("llama-1b", "llama-8b")
+                  for i in range(9)]  # 512 .. 128k
+    models, lens = _env_list("ABFT_BENCH_MODELS"), _env_list("ABFT_BENCH_L")
+    shapes = [s for s in shapes if (models is None or s.model in models)
+              and (lens is None or str(s.L) in lens)]
+    methods = _keep(E2E_METHODS, "ABFT_BENCH_METHODS")
+    return [(m, s) for s in shapes for m in methods]
+
+
+def e2e_case_id(case) -> str:
+    m, s = case
+    return f"{m}-{s.id}"
+
+
+# ------------------------------------------------------------------------ timing and memory
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def free_memory():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
+def wall(fn, dev) -> float:
+    """Seconds of one synchronised call of fn()."""
+    sync(dev)
+    t = time.perf_counter()
+    fn()
+    sync(dev)
+    return time.perf_counter() - t
+
+
+def rounds_for(seconds_per_call, budget_env, default_budget, lo, hi) -> int:
+    budget = float(os.environ.get(budget_env, default_budget))
+    return int(max(lo, min(hi, budget / max(seconds_per_call, 1e-6))))
+
+
+def timed_pedantic(benchmark, target, setup, dev, rounds, warmup_rounds):
+    """benchmark.pedantic with the peak CUDA memory over the timed rounds.
+
+    Returns (last result, stats dict with ms / ms_min / rounds / peak_mem_mb, or None when
+    pytest-benchmark timing is off)."""
+    if dev.type == "cuda":
+        sync(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    res = benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=warmup_rounds,
+                             iterations=1)
+    if benchmark.disabled or benchmark.stats is None:
+        return res, None
+    st = benchmark.stats.stats
+    out = {"ms": st.median * 1e3, "ms_min": st.min * 1e3, "rounds": st.rounds,
+           "peak_mem_mb": None}
+    if dev.type == "cuda":
+        sync(dev)
+        out["peak_mem_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
+    return res, out

@@ -1,0 +1,313 @@
+"""Attention op benchmarks: forward, backward and both, with and without probes.
+
+Methods (``method`` column):
+  abft_triton / abft_cuda / abft_torch  ``abft_fast.attention(..., backend=...)``; with probes it
+      also returns P[probe rows, probe cols]. abft_torch = SDPA (default dispatch) + probe rows
+      recomputed on the side, i.e. the "SDPA + recompute" baseline.
+  sdpa_flash / sdpa_cudnn / sdpa_efficient / sdpa_math  ``F.scaled_dot_product_attention`` pinned
+      to one backend with ``sdpa_kernel`` (no probes).
+  flex  FlexAttention (compiled on CUDA, except at smoke sizes) returning its log-sum-exp; with probes, P = exp(s - lse)
+      at the probe entries (``abft_fast.probe_math.probe_probs_from_lse``), backward through lse.
+  eager  matmul + float32 softmax + matmul (L x L matrix); with probes, gathered from that matrix
+      (the ``output_attentions`` way).
+Modes: fwd (training forward, inputs require grad), bwd (backward only; the forward runs in the
+untimed setup), both. Causal throughout.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import benchlib as BL
+
+_unavailable: dict = {}  # method -> reason (probed once per session)
+
+
+def _method_unavailable(method, dev):
+    if method in _unavailable:
+        return _unavailable[method]
+    why = None
+    try:
+        if method.startswith("abft_"):
+            import abft_fast
+            backend = method[5:]
+            if backend == "cuda" and dev.type != "cuda":
+                why = "abft_fast backend 'cuda' needs a CUDA GPU"
+            else:
+                x = torch.randn(1, 1, 16, 16, device=dev)
+                abft_fast.attention(x, x, x, backend=backend)
+        elif method in ("sdpa_cudnn", "sdpa_efficient") and dev.type != "cuda":
+            why = f"{method} needs a CUDA GPU"
+        elif method == "flex":
+            from torch.nn.attention import flex_attention  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any failure means: not usable here
+        why = f"{method} unavailable: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    _unavailable[method] = why
+    return why
+
+
+@functools.lru_cache(maxsize=None)
+def _flex(compiled):
+    from torch.nn.attention import flex_attention as fa
+    fn = fa.flex_attention
+    if compiled:
+        fn = torch.compile(fn, dynamic=False)
+    return fn, getattr(fa, "AuxRequest", None)
+
+
+@functools.lru_cache(maxsize=8)
+def _block_mask(L, dev):
+    from torch.nn.attention.flex_attention import create_block_mask
+    return create_block_mask(lambda b, h, i, j: i >= j, None, None, L, L, device=dev)
+
+
+@functools.lru_cache(maxsize=8)
+def _causal_mask(L, dev):
+    return torch.ones(L, L, dtype=torch.bool, device=dev).tril()
+
+
+def _sdpa_backend(method):
+    from torch.nn.attention import SDPBackend
+    return {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+            "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "sdpa_math": SDPBackend.MATH}[method]
+
+
+def _gather_probs(p, rows, cols):
+    b, h, _, lk = p.shape
+    pr = torch.gather(p, 2, rows[:, None, :, None].expand(b, h, rows.shape[1], lk))
+    if cols is None:
+        return pr
+    return torch.gather(pr, 3, cols[:, None, None, :].expand(b, h, rows.shape[1], cols.shape[1]))
+
+
+class OpCase:
+    """Inputs and the callables of one (method, mode, probes, shape)."""
+
+    def __init__(self, method, mode, probes, s: BL.OpShape, dev, compile_flex=True):
+        self.method, self.mode, self.probes, self.s, self.dev = method, mode, probes, s, dev
+        self.compile_flex = compile_flex and dev.type == "cuda"
+        g = torch.Generator(device="cpu").manual_seed(0)
+        dt = s.torch_dtype
+
+        def rnd(*shape):
+            return torch.randn(*shape, generator=g).to(device=dev, dtype=dt)
+
+        grad = not (method == "flex" and dev.type == "cpu")  # FlexAttention: no CPU backward
+        self.q = rnd(s.B, s.Hq, s.L, s.D).requires_grad_(grad)
+        self.k = rnd(s.B, s.Hkv, s.L, s.D).requires_grad_(grad)
+        self.v = rnd(s.B, s.Hkv, s.L, s.D).requires_grad_(grad)
+        self.scale = s.D ** -0.5
+        self.rows = (s.L - 1 - torch.arange(s.R)).repeat(s.B, 1).to(dev)  # the last R tokens
+        self.cols = None
+        if s.C is not None:
+            self.cols = torch.stack([torch.randperm(s.L - s.R, generator=g)[:s.C].sort().values
+                                     for _ in range(s.B)]).to(dev)
+        self.dout = rnd(s.B, s.Hq, s.L, s.D)
+        self.dprobs = torch.randn(s.B, s.Hq, s.R, s.L if s.C is None else s.C,
+                                  generator=g).to(dev)
+        self.kv_expanded = False
+        self.last = None
+
+    # ---------------------------------------------------------------- forward of each method
+    def forward(self):
+        m, q, k, v = self.method, self.q, self.k, self.v
+        rows, cols = (self.rows, self.cols) if self.probes else (None, None)
+        gqa = q.shape[1] != k.shape[1]
+        probs = None
+        if m.startswith("abft_"):
+            import abft_fast
+            out, probs = abft_fast.attention(q, k, v, causal=True, probe_rows=rows,
+                                             probe_cols=cols, backend=m[5:])
+        elif m.startswith("sdpa_"):
+            from torch.nn.attention import sdpa_kernel
+            with sdpa_kernel(_sdpa_backend(m)):
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                                     enable_gqa=gqa)
+        elif m == "flex":
+            flex, aux_req = _flex(self.compile_flex)
+            bm = _block_mask(self.s.L, self.dev)
+            if aux_req is not None:
+                out, aux = flex(q, k, v, block_mask=bm, scale=self.scale, enable_gqa=gqa,
+                                return_aux=aux_req(lse=True))
+                lse = aux.lse
+            else:
+                out, lse = flex(q, k, v, block_mask=bm, scale=self.scale, enable_gqa=gqa,
+                                return_lse=True)
+            if self.probes:
+                from abft_fast.probe_math import probe_probs_from_lse
+                probs = probe_probs_from_lse(q, k, lse, rows, cols, causal=True, window=None,
+                                             kpm=None, scale=self.scale)
+        elif m == "eager":
+            grp = q.shape[1] // k.shape[1]
+            kk = k.repeat_interleave(grp, 1) if grp > 1 else k
+            vv = v.repeat_interleave(grp, 1) if grp > 1 else v
+            sc = torch.matmul(q, kk.transpose(-1, -2)) * self.scale
+            sc = sc.masked_fill(~_causal_mask(self.s.L, self.dev), float("-inf"))
+            p = torch.softmax(sc, dim=-1, dtype=torch.float32).to(q.dtype)
+            out = torch.matmul(p, vv)
+            if self.probes:
+                probs = _gather_probs(p, rows, cols).float()
+        else:
+            raise ValueError(m)
+        self.last = (out, probs)
+        return out, probs
+
+    def _backward(self, out, probs):
+        ts, gs = [out], [self.dout]
+        if probs is not None:
+            ts.append(probs)
+            gs.append(self.dprobs.to(probs.dtype))
+        torch.autograd.backward(ts, gs)
+
+    def _clear(self):
+        for t in (self.q, self.k, self.v):
+            t.grad = None
+
+    # ------------------------------------------------ (setup, target) for benchmark.pedantic
+    def callables(self):
+        dev = self.dev
+        if self.mode == "fwd":
+            def target():
+                res = self.forward()
+                BL.sync(dev)
+                return res
+            return None, target
+        if self.mode == "bwd":
+            def setup():
+                self._clear()
+                res = self.forward()
+                BL.sync(dev)
+                return res, {}
+
+            def target(out, probs):
+                self._backward(out, probs)
+                BL.sync(dev)
+                return self.grads()
+            return setup, target
+
+        def setup():
+            self._clear()
+
+        def target():
+            out, probs = self.forward()
+            self._backward(out, probs)
+            BL.sync(dev)
+            return self.grads()
+        return setup, target
+
+    def once(self):
+        setup, target = self.callables()
+        args = setup() if setup else None
+        return target(*args[0]) if args else target()
+
+    def grads(self):
+        return self.q.grad, self.k.grad, self.v.grad
+
+    def expand_kv(self):
+        """Give the method k/v with Hq heads (for SDPA backends without a GQA kernel)."""
+        grp = self.s.Hq // self.s.Hkv
+        self.k = self.k.detach().repeat_interleave(grp, 1).requires_grad_(self.k.requires_grad)
+        self.v = self.v.detach().repeat_interleave(grp, 1).requires_grad_(self.v.requires_grad)
+        self.kv_expanded = True
+
+    # ------------------------------------------------------------------------------ checks
+    def check(self, smoke: bool):
+        s = self.s
+        out, probs = self.last
+        assert out.shape == (s.B, s.Hq, s.L, s.D) and out.dtype == s.torch_dtype
+        assert torch.isfinite(out).all(), "non-finite output"
+        if self.probes:
+            assert probs is not None
+            assert probs.shape == (s.B, s.Hq, s.R, s.L if s.C is None else s.C)
+            assert torch.isfinite(probs).all(), "non-finite probes"
+            assert probs.min() >= 0 and probs.max() <= 1 + 1e-3, "probes are not probabilities"
+        else:
+            assert probs is None
+        if self.mode != "fwd":
+            for name, g, t in zip("qkv", self.grads(), (self.q, self.k, self.v)):
+                assert g is not None and g.shape == t.shape, f"d{name} missing or misshapen"
+                assert torch.isfinite(g).all(), f"non-finite d{name}"
+        if smoke:
+            self._check_reference()
+
+    def _check_reference(self):
+        """Smoke sizes only: out, probes and gradients against the float64 reference."""
+        from abft_fast.reference import attention_reference
+        tol = 1e-2 if self.dev.type == "cuda" else 1e-4  # TF32 dots on GPU; exact on CPU
+        q, k, v = (t.detach().double().requires_grad_() for t in (self.q, self.k, self.v))
+        rows, cols = (self.rows, self.cols) if self.probes else (None, None)
+        ro, _, rp = attention_reference(q, k, v, causal=True, probe_rows=rows, probe_cols=cols)
+        out, probs = self.last
+        torch.testing.assert_close(out.double(), ro, atol=tol, rtol=tol)
+        if self.probes:
+            torch.testing.assert_close(probs.double(), rp, atol=tol, rtol=tol)
+        if self.mode != "fwd" and not self.kv_expanded:
+            ts, gs = [ro], [self.dout.double()]
+            if rp is not None:
+                ts.append(rp)
+                gs.append(self.dprobs.double())
+            torch.autograd.backward(ts, gs)
+            for g, r in zip(self.grads(), (q.grad, k.grad, v.grad)):
+                torch.testing.assert_close(g.double(), r, atol=tol, rtol=tol)
+
+
+def test_attention(op_case, benchmark, recorder):
+    method, mode, probes, s = op_case
+    dev = BL.device()
+    why = _method_unavailable(method, dev)
+    if why:
+        pytest.skip(why)
+    if method == "flex" and dev.type == "cpu" and mode != "fwd":
+        pytest.skip("FlexAttention has no CPU backward")
+    benchmark.group = f"{mode} {s.id}"
+    flops = BL.attention_flops(s, mode)
+    row = dict(method=method, mode=mode, probes=probes, dtype=s.dtype, B=s.B, Hq=s.Hq, Hkv=s.Hkv,
+               L=s.L, D=s.D, R=s.R if probes else "", C=("all" if s.C is None else s.C)
+               if probes else "", causal=s.causal, status="ok", note="")
+    smoke = recorder.sizes == "smoke"
+    case = stats = None
+    oom = False
+    try:
+        case = OpCase(method, mode, probes, s, dev, compile_flex=not smoke)
+        if method.startswith("sdpa_"):
+            try:
+                case.once()
+            except RuntimeError as e:
+                if BL.is_oom(e) or s.Hq == s.Hkv:
+                    raise
+                case.expand_kv()  # this SDPA backend has no GQA kernel: give it Hq k/v heads
+                row["note"] = "k/v expanded to Hq heads"
+        if recorder.timing:
+            case.once()  # first call: compile / autotune, outside the timing
+            case.check(smoke)
+            t = BL.wall(case.once, dev)
+            rounds = BL.rounds_for(t, "ABFT_BENCH_SECONDS", 1.0, 3, 100)
+        else:
+            rounds = 1
+        setup, target = case.callables()
+        _, stats = BL.timed_pedantic(benchmark, target, setup, dev, rounds,
+                                     warmup_rounds=1 if recorder.timing else 0)
+        case.check(smoke)
+    except RuntimeError as e:
+        if BL.is_oom(e):
+            oom = True
+        elif method.startswith("sdpa_") and "kernel" in str(e).lower():
+            pytest.skip(f"{method}: no kernel for this shape/dtype/device "
+                        f"({str(e).splitlines()[0][:120]})")
+        else:
+            raise
+    if oom:
+        case = None
+        BL.free_memory()
+        recorder.add("attention", **row, status="oom")
+        pytest.skip(f"out of memory: {method} {mode} {s.id}")
+    del case
+    if stats:
+        row.update(ms=stats["ms"], ms_min=stats["ms_min"], rounds=stats["rounds"],
+                   tflops=flops / (stats["ms"] * 1e-3) / 1e12, peak_mem_mb=stats["peak_mem_mb"])
+        benchmark.extra_info.update({k: v for k, v in row.items() if v != ""})
+        recorder.add("attention", **row)
