@@ -71,7 +71,7 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64 base offsets: B*H*L*D may pass 2**31
     b = bh // Hq
     h = bh % Hq
     hk = h // G
@@ -127,7 +127,7 @@ def _probe_kernel(Q, K, LSE, ROWS, COLS, P, KPM,
                   FULL_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program per (b, h, probe slot r); loops over the C probe columns in blocks."""
     slot = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64 base offsets: B*H*L*D may pass 2**31
     b = bh // Hq
     h = bh % Hq
     hk = h // G
@@ -169,7 +169,7 @@ def _probe_kernel(Q, K, LSE, ROWS, COLS, P, KPM,
 def _delta_kernel(O, DO, EXTRA, DELTA, s_ob, s_oh, s_ol, s_db, s_dh, s_dl, Hq, Lq, D,
                   HAS_EXTRA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64 base offsets: B*H*L*D may pass 2**31
     b = bh // Hq
     h = bh % Hq
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -193,7 +193,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid_n = tl.program_id(0)
-    bhk = tl.program_id(1)
+    bhk = tl.program_id(1).to(tl.int64)  # int64 base offsets
     b = bhk // Hkv
     hk = bhk % Hkv
     OFF = Lk - Lq
@@ -249,7 +249,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64 base offsets: B*H*L*D may pass 2**31
     b = bh // Hq
     h = bh % Hq
     hk = h // G
