@@ -84,6 +84,10 @@ def append_rows(table: str, rows: list, directory: Path | None = None) -> Path:
     A file whose header differs from the current columns is left alone; the rows then go to
     ``<table>-v<n>.csv``. Returns the path written."""
     cols = COLUMNS[table]
+    for r in rows:
+        extra = set(r) - set(cols)
+        if extra:
+            raise ValueError(f"{table}: unknown columns {sorted(extra)}")
     directory = Path(directory or results_dir())
     directory.mkdir(parents=True, exist_ok=True)
     path, n = directory / f"{table}.csv", 1
@@ -96,7 +100,7 @@ def append_rows(table: str, rows: list, directory: Path | None = None) -> Path:
         path = directory / f"{table}-v{n}.csv"
     new = not path.exists()
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="raise")
+        w = csv.DictWriter(f, fieldnames=cols)
         if new:
             w.writeheader()
         for r in rows:

@@ -1,0 +1,215 @@
+"""Markdown tables from bench/results/*.csv.
+
+    python bench/table.py [--results DIR] [--run RUN_ID|latest] [--device SUBSTR] [--full]
+                          [--out FILE]
+
+Sections (for the chosen run, default the newest): fused attention with probes against the best
+SDPA backend without probes (ratio, probe overhead), the probe-size sweep, and the ABFT training
+step (tokens/s, speed-up over eager, peak memory, longest L that fits). --full adds every row.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_record as R  # noqa: E402
+from plot import best_sdpa, headline_probe_config, main_grid, point_key  # noqa: E402
+
+ABFT = ("abft_triton", "abft_cuda", "abft_torch")
+MODE_TITLE = {"fwd": "forward", "bwd": "backward", "both": "forward + backward"}
+
+
+def _md(header, body) -> list:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(str(c) for c in row) + " |" for row in body]
+
+
+def _ms(v):
+    return f"{v:.3g} ms" if v < 100 else f"{v:.0f} ms"
+
+
+def _lookup(rows):
+    """(method, probes, point_key) -> row."""
+    return {(r["method"], r["probes"] == "1", point_key(r)): r for r in rows}
+
+
+def _cell(row, base=None):
+    if row is None:
+        return "–"
+    if row["status"] == "oom":
+        return "OOM"
+    ms = R.num(row["ms"])
+    if ms is None:
+        return row["status"] or "–"
+    return _ms(ms) + (f" ({ms / base:.2f}x)" if base else "")
+
+
+def attention_section(rows, mode=None) -> list:
+    grid, rc = main_grid(rows)
+    if not grid:
+        return []
+    modes = [m for m in ("both", "fwd", "bwd") if any(r["mode"] == m for r in grid)]
+    modes = [mode] if mode else modes[:1]
+    best, look = best_sdpa(grid), _lookup(grid)
+    methods = [m for m in ABFT if any(r["method"] == m for r in grid)]
+    others = [m for m in ("flex", "eager") if any(r["method"] == m for r in grid)]
+    out = []
+    for md in modes:
+        keys = sorted({point_key(r)[:4] for r in grid if r["mode"] == md},
+                      key=lambda k: (k[0], int(k[1]), int(k[2]) // int(k[3])))
+        for dtype, d, hq, hkv in keys:
+            pts = sorted({(int(r["L"]), r["B"]) for r in grid if r["mode"] == md
+                          and (r["dtype"], r["D"], r["Hq"], r["Hkv"]) == (dtype, d, hq, hkv)})
+            probe = f"R={rc[0]}, C={rc[1]}" if rc else "no probes recorded"
+            out += ["", f"**{MODE_TITLE[md]}**, causal, {dtype}, d={d}, Hq={hq}, Hkv={hkv}, "
+                        f"probes {probe}. Ratios are to the best SDPA backend without probes; "
+                        "overhead = with / without probes - 1 (same backend).", ""]
+            header = ["L", "B", "best SDPA (no probes)"]
+            for m in methods:
+                header += [f"{m} +probes", f"{m} overhead"]
+            header += [f"{m} +probes" for m in others] + [f"{m} (no probes)" for m in others]
+            body = []
+            for L, B in pts:
+                k = (dtype, d, hq, hkv, md, str(L), B)
+                b = best.get(k)
+                line = [L, B, f"{_ms(b[0])} ({b[1][5:]})" if b else "–"]
+                for m in methods:
+                    wp, np_ = look.get((m, True, k)), look.get((m, False, k))
+                    line.append(_cell(wp, b[0] if b else None))
+                    a, c = (R.num(wp["ms"]) if wp else None), (R.num(np_["ms"]) if np_ else None)
+                    line.append(f"{(a / c - 1) * 100:+.0f}%" if a and c else "–")
+                for m in others:
+                    line.append(_cell(look.get((m, True, k)), b[0] if b else None))
+                for m in others:
+                    line.append(_cell(look.get((m, False, k)), b[0] if b else None))
+                body.append(line)
+            out += _md(header, body)
+    return out
+
+
+def sweep_section(rows) -> list:
+    rc = headline_probe_config(rows)
+    sw = [r for r in rows if r["probes"] == "1" and r["method"] in ABFT and (r["R"], r["C"]) != rc]
+    if not sw:
+        return []
+    look = _lookup(rows)
+    body = []
+    for r in sorted(sw, key=lambda r: (r["mode"], int(r["L"]), int(r["R"]), r["C"], r["method"])):
+        base = look.get((r["method"], False, point_key(r)))
+        a, c = R.num(r["ms"]), R.num(base["ms"]) if base else None
+        body.append([r["mode"], r["dtype"], r["D"], f"{r['Hq']}/{r['Hkv']}", r["L"], r["R"],
+                     r["C"], r["method"], _cell(r),
+                     f"{(a / c - 1) * 100:+.0f}%" if a and c else "–"])
+    return ["", "**Probe sizes** (overhead against the same backend without probes)", ""] + _md(
+        ["mode", "dtype", "d", "Hq/Hkv", "L", "R", "C", "method", "time", "overhead"], body)
+
+
+def e2e_section(rows) -> list:
+    out = []
+    for model in sorted({r["model"] for r in rows}):
+        rs = [r for r in rows if r["model"] == model]
+        methods = [m for m in ("abft_triton", "abft_cuda", "abft_torch", "sdpa_recompute", "eager")
+                   if any(r["method"] == m for r in rs)]
+        look = {(r["method"], int(r["L"])): r for r in rs}
+        lens = sorted({int(r["L"]) for r in rs})
+        first = rs[0]
+        out += ["", f"**ABFT training step, {model}** ({first['layers']} layers, "
+                    f"{float(first['params_m'] or 0) / 1e3:.2f} B params, {first['dtype']}, "
+                    f"B={first['B']}): tokens/s (peak GiB); speed-up = fastest abft_fast backend "
+                    "/ eager.", ""]
+        body = []
+        for L in lens:
+            line = [L]
+            for m in methods:
+                r = look.get((m, L))
+                if r is None:
+                    line.append("–")
+                elif r["status"] != "ok" or R.num(r["tokens_per_s"]) is None:
+                    line.append("OOM" if r["status"] == "oom" else r["status"])
+                else:
+                    mem = R.num(r["peak_mem_mb"])
+                    line.append(f"{R.num(r['tokens_per_s']):,.0f}"
+                                + (f" ({mem / 1024:.1f})" if mem else ""))
+            fused = [R.num(look[(m, L)]["tokens_per_s"]) for m in ABFT if (m, L) in look
+                     and look[(m, L)]["status"] == "ok"]
+            fused = [f for f in fused if f]
+            e = look.get(("eager", L))
+            ev = R.num(e["tokens_per_s"]) if e and e["status"] == "ok" else None
+            line.append(f"{max(fused) / ev:.1f}x" if fused and ev else "–")
+            body.append(line)
+        longest = ["longest L that ran"]
+        for m in methods:
+            ok = [int(r["L"]) for r in rs if r["method"] == m and r["status"] == "ok"]
+            oom = [int(r["L"]) for r in rs if r["method"] == m and r["status"] == "oom"]
+            s = str(max(ok)) if ok else "none"
+            s += f" (OOM at {min(oom)})" if oom else (" (largest tried)" if ok else "")
+            longest.append(s)
+        body.append(longest + [""])
+        out += _md(["L"] + methods + ["speed-up vs eager"], body)
+    return out
+
+
+def full_section(att, e2e) -> list:
+    out = []
+    if att:
+        out += ["", "**All attention rows**", ""] + _md(
+            ["mode", "method", "probes", "dtype", "B", "Hq", "Hkv", "L", "D", "R", "C", "ms",
+             "TFLOP/s", "peak MiB", "status"],
+            [[r["mode"], r["method"], r["probes"], r["dtype"], r["B"], r["Hq"], r["Hkv"], r["L"],
+              r["D"], r["R"], r["C"], r["ms"], r["tflops"], r["peak_mem_mb"], r["status"]]
+             for r in att])
+    if e2e:
+        out += ["", "**All ABFT step rows**", ""] + _md(
+            ["model", "method", "L", "ms", "tokens/s", "peak MiB", "status"],
+            [[r["model"], r["method"], r["L"], r["ms"], r["tokens_per_s"], r["peak_mem_mb"],
+              r["status"]] for r in e2e])
+    return out
+
+
+def header_lines(rows, what) -> list:
+    r = rows[0]
+    return [f"_{what}: run `{r['run_id']}` on {r['device']} ({r['date']}); torch {r['torch']}"
+            f"{' + CUDA ' + r['cuda'] if r['cuda'] else ''}, triton {r['triton']}, transformers "
+            f"{r['transformers']}, commit `{r['commit']}`._"]
+
+
+def render(results, run="latest", device=None, full=False) -> str:
+    att = R.select_run(R.read_rows("attention", results), run, device)
+    e2e = R.select_run(R.read_rows("e2e", results), run, device)
+    lines = ["## abft-fast benchmark results", ""]
+    if not att and not e2e:
+        lines.append(f"No recorded rows in {results} (run {run}): no benchmark has been recorded "
+                     "yet.")
+        return "\n".join(lines) + "\n"
+    if att:
+        lines += header_lines(att, "Attention op")
+        lines += attention_section(att) + sweep_section(att)
+        for md in ("fwd", "bwd"):
+            if full and any(r["mode"] == md for r in att):
+                lines += attention_section(att, md)
+    if e2e:
+        lines += [""] + header_lines(e2e, "ABFT step") + e2e_section(e2e)
+    if full:
+        lines += full_section(att, e2e)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", type=Path, default=R.results_dir())
+    ap.add_argument("--run", default="latest")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--full", action="store_true", help="also every mode and every row")
+    ap.add_argument("--out", type=Path, default=None, help="also write the markdown here")
+    a = ap.parse_args(argv)
+    text = render(a.results, a.run, a.device, a.full)
+    print(text, end="")
+    if a.out:
+        a.out.write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""The recorder, size sets, plot and table scripts, on made-up rows in a temporary directory.
+
+The numbers below are invented to exercise the scripts; they are never written to bench/results.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+import bench_record as R
+import benchlib as BL
+
+HERE = Path(__file__).resolve().parent
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"abft_bench_{name}", HERE / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+META = {"run_id": "run-b", "date": "2030-01-02T00:00:00+00:00", "device": "made-up device",
+        "torch": "0", "cuda": "0", "triton": "0", "transformers": "0", "commit": "abc"}
+
+
+def made_up_rows():
+    """Attention rows: sdpa_flash 1 ms/unit, cudnn 0.9, abft_triton 1.0 without and 1.1 with
+    probes, eager OOM at L = 2048. E2E: abft_triton 5x eager tokens/s, eager OOM at L = 2048."""
+    att, e2e = [], []
+    for L in (512, 1024, 2048):
+        u = (L / 512) ** 2
+        base = dict(META, mode="both", dtype="bf16", B=16384 // L, Hq=16, Hkv=4, L=L, D=128,
+                    causal=1, status="ok", note="")
+        for method, probes, ms in (("sdpa_flash", 0, 1.0), ("sdpa_cudnn", 0, 0.9),
+                                   ("abft_triton", 0, 1.0), ("abft_triton", 1, 1.1),
+                                   ("eager", 1, 4.0)):
+            r = dict(base, method=method, probes=probes, R=1 if probes else "",
+                     C=64 if probes else "", ms=ms * u, ms_min=ms * u, rounds=5, tflops=100 / ms,
+                     peak_mem_mb=1000 * u)
+            if method == "eager" and L == 2048:
+                r.update(ms="", ms_min="", rounds="", tflops="", peak_mem_mb="", status="oom")
+            att.append(r)
+        for method, tps in (("abft_triton", 5000.0), ("eager", 1000.0)):
+            r = dict(META, model="llama-1b", method=method, dtype="bf16", B=1, L=L, layers=16,
+                     params_m=1236.0, ms=1e3 * L / tps, ms_min=1e3 * L / tps, rounds=2,
+                     tokens_per_s=tps, peak_mem_mb=2000.0 * u, status="ok", note="")
+            if method == "eager" and L == 2048:
+                r.update(ms="", ms_min="", rounds="", tokens_per_s="", peak_mem_mb="",
+                         status="oom")
+            e2e.append(r)
+    return att, e2e
+
+
+def test_flops_formula():
+    s = BL.OpShape("bf16", 2, 3, 3, 8, 4, 1, 1, causal=True)
+    assert BL.attention_flops(s, "fwd") == 4 * 2 * 3 * 8 * 8 * 4 / 2
+    assert BL.attention_flops(s, "bwd") == 2.5 * BL.attention_flops(s, "fwd")
+    assert BL.attention_flops(s, "both") == 3.5 * BL.attention_flops(s, "fwd")
+
+
+def test_size_sets(monkeypatch):
+    for var in ("ABFT_BENCH_METHODS", "ABFT_BENCH_MODES", "ABFT_BENCH_L", "ABFT_BENCH_MODELS",
+                "ABFT_BENCH_DTYPES"):
+        monkeypatch.delenv(var, raising=False)
+    gpu = BL.op_cases("gpu")
+    ids = [BL.op_case_id(c) for c in gpu]
+    assert len(ids) == len(set(ids))
+    main = {s for m, mode, p, s in gpu if s.R == 1 and s.C == 64}
+    assert {s.L for s in main} == {1024, 4096, 16384, 32768}
+    assert {s.D for s in main} == {64, 128} and {s.dtype for s in main} == {"bf16"}
+    assert all(s.B * s.L == max(16384, s.L) for s in main)
+    assert {(m, mode, p) for m, mode, p, _ in gpu} >= {
+        (m, mode, p) for m in BL.ABFT_METHODS + ("flex", "eager") for mode in BL.MODES
+        for p in (False, True)}
+    assert {m for m, *_ in gpu} == set(BL.OP_METHODS)
+    e2e = BL.e2e_cases("gpu")
+    assert {s.L for _, s in e2e} == {512 * 2 ** i for i in range(9)}
+    assert {s.model for _, s in e2e} == {"llama-1b", "llama-8b"}
+    monkeypatch.setenv("ABFT_BENCH_METHODS", "abft_triton,sdpa_flash")
+    monkeypatch.setenv("ABFT_BENCH_L", "4096")
+    sub = BL.op_cases("gpu")
+    assert sub and {m for m, *_ in sub} == {"abft_triton", "sdpa_flash"}
+    assert {s.L for *_, s in sub} == {4096}
+
+
+def test_recorder_appends(tmp_path):
+    att, _ = made_up_rows()
+    p1 = R.append_rows("attention", att[:2], tmp_path)
+    p2 = R.append_rows("attention", att[2:4], tmp_path)
+    assert p1 == p2 == tmp_path / "attention.csv"
+    text = p1.read_text().splitlines()
+    assert text[0].split(",") == R.COLUMNS["attention"] and len(text) == 5
+    (tmp_path / "e2e.csv").write_text("some,old,header\n")
+    p3 = R.append_rows("e2e", [dict(META, model="x", method="eager", L=1)], tmp_path)
+    assert p3.name == "e2e-v2.csv"
+    assert (tmp_path / "e2e.csv").read_text() == "some,old,header\n"
+    with pytest.raises(ValueError):
+        R.append_rows("attention", [dict(META, no_such_column=1)], tmp_path)
+
+
+def test_select_run(tmp_path):
+    att, _ = made_up_rows()
+    older = [dict(r, run_id="run-a", date="2029-01-01T00:00:00+00:00") for r in att[:3]]
+    R.append_rows("attention", older + att, tmp_path)
+    rows = R.read_rows("attention", tmp_path)
+    assert {r["run_id"] for r in R.select_run(rows)} == {"run-b"}
+    assert len(R.select_run(rows, "run-a")) == 3
+    assert R.select_run(rows, device="no such device") == []
+
+
+def test_plot_and_table(tmp_path):
+    att, e2e = made_up_rows()
+    R.append_rows("attention", att, tmp_path)
+    R.append_rows("e2e", e2e, tmp_path)
+    written = _load("plot").main(["--results", str(tmp_path), "--out", str(tmp_path / "png")])
+    names = sorted(p.name for p in written)
+    assert names == ["attention_ratio_bf16.png", "attention_tflops_bf16.png", "e2e.png"]
+    for p in written:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
+    text = _load("table").render(tmp_path)
+    assert "made-up device" in text
+    # L = 1024: best SDPA = cudnn 3.6 ms; abft_triton +probes 4.4 ms = 1.22x; overhead +10%
+    line = next(ln for ln in text.splitlines() if ln.startswith("| 1024 | 16 |"))
+    assert "3.6 ms (cudnn)" in line and "4.4 ms (1.22x)" in line and "+10%" in line
+    line = next(ln for ln in text.splitlines() if ln.startswith("| 2048 | 8 |"))
+    assert "OOM" in line
+    e2e_line = next(ln for ln in text.splitlines() if ln.startswith("| 1024 | 5,000"))
+    assert e2e_line.rstrip().endswith("| 5.0x |")
+    assert "| longest L that ran | 2048 (largest tried) | 1024 (OOM at 2048) |" in text
+    out = tmp_path / "summary.md"
+    _load("table").main(["--results", str(tmp_path), "--out", str(out), "--full"])
+    assert "All attention rows" in out.read_text()
+
+
+def test_table_without_results(tmp_path):
+    assert "no benchmark has been recorded yet" in _load("table").render(tmp_path)
