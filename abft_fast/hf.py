@@ -13,11 +13,13 @@ builder), so that::
 
 runs every attention layer on :func:`abft_fast.attention`.
 
-Masks are never materialised as L x L tensors: the mask builder turns what transformers asks for
+The mask builder never materialises an L x L tensor: it turns what transformers asks for
 (causal, sliding-window causal or bidirectional, plus the 2-D padding mask) into an
 :class:`AbftMask` -- flags plus a ``[B, Lk]`` key padding mask -- and refuses anything else
 (packed sequences, chunked attention, custom mask overlays) with an error naming the mask.
-Needs transformers >= 4.53 (``transformers.masking_utils``).
+Needs transformers >= 4.53 (``transformers.masking_utils``). A model that still builds its own
+dense 4-D mask (GPT-2 in transformers 4.53), or a 4-D mask given by the caller, is accepted only
+if it is exactly padding x causal (x window) and is then read back into flags + padding.
 """
 from __future__ import annotations
 
@@ -30,17 +32,16 @@ import torch
 
 from .attention import BACKENDS
 from .attention import attention as _attention
+from .masks import visible
 
 try:
-    import transformers
     from transformers import masking_utils as _mu
     from transformers.masking_utils import AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
 except ImportError as e:  # pragma: no cover - depends on the installed transformers
     raise ImportError(
-        "abft_fast.hf needs transformers >= 4.53 (with transformers.masking_utils and "
-        f"AttentionMaskInterface): {e}. Install it with `pip install 'transformers>=4.53'`."
-    ) from e
+        "abft_fast.hf needs transformers >= 4.53 (transformers.masking_utils with "
+        f"AttentionMaskInterface): {e}. Upgrade with `pip install 'transformers>=4.53'`.") from e
 
 NAME = "abft_fast"
 __all__ = ["NAME", "AbftMask", "ProbeRecorder", "attention_forward", "get_backend", "mask_builder",
@@ -98,11 +99,10 @@ class AbftMask:
         return self
 
     def to(self, *args, **kwargs):
+        """Move the padding mask; it stays bool whatever dtype is asked for."""
         if self.key_padding_mask is None:
             return self
-        kpm = self.key_padding_mask.to(*args, **kwargs)
-        if kpm.dtype != torch.bool:  # only device moves make sense for the flags + padding mask
-            kpm = self.key_padding_mask.to(device=kpm.device)
+        kpm = self.key_padding_mask.to(*args, **kwargs).to(torch.bool)
         return dataclasses.replace(self, key_padding_mask=kpm)
 
 
@@ -159,17 +159,29 @@ def describe_mask_function(fn) -> tuple[bool, int | None]:
     return causal, (min(windows) if windows else None)
 
 
-def mask_builder(batch_size, q_length, kv_length, q_offset=0, kv_offset=0,
-                 mask_function=None, attention_mask=None, **kwargs) -> AbftMask:
+def mask_builder(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0,
+                 mask_function=None, attention_mask=None, cache_position=None,
+                 **kwargs) -> AbftMask:
     """Mask function registered under "abft_fast" in ``AttentionMaskInterface``.
 
     Called by transformers' ``create_causal_mask`` & co. with the 2-D padding mask
     ``attention_mask`` ([B, >= kv_offset + kv_length] bool or None, indexed by absolute key
     position) and a ``mask_function``; returns an :class:`AbftMask` (no L x L tensor).
+    transformers 5.x passes ``q_length`` / ``q_offset``; 4.5x passes ``cache_position`` (the
+    queries' absolute positions, [Lq]) instead.
     """
     if mask_function is None:
         mask_function = _mu.causal_mask_function
     causal, window = describe_mask_function(mask_function)
+    if q_length is None:
+        if cache_position is None or kv_length is None:
+            raise TypeError("abft_fast mask_builder needs q_length (or cache_position) and "
+                            "kv_length")
+        q_length = int(cache_position.shape[0])
+        q_offset = int(cache_position[0])
+        if int(cache_position[-1]) - q_offset != q_length - 1:
+            raise UnsupportedMaskError("abft_fast: cache_position must be consecutive positions, "
+                                       f"got {cache_position.tolist()}")
     if isinstance(q_offset, torch.Tensor):  # static caches pass a tensor
         q_offset = int(q_offset)
     if isinstance(kv_offset, torch.Tensor):
@@ -220,6 +232,7 @@ class ProbeRecorder:
         self.per_layer: list[torch.Tensor] = []  # [B, Hq, R, C] each, in call order
         self.layers: list[int] = []  # layer index of each entry of per_layer
         self._on_device: dict = {}
+        self._checked: set = set()
 
     @property
     def probs(self) -> torch.Tensor:
@@ -241,6 +254,19 @@ class ProbeRecorder:
             self._on_device[key] = (self.rows.to(device),
                                     None if self.cols is None else self.cols.to(device))
         return self._on_device[key]
+
+    def _check_sizes(self, b, lq, lk):
+        if (b, lq, lk) in self._checked:  # once per shape: the checks synchronise the device
+            return
+        rows, cols = self.rows, self.cols
+        if rows.shape[0] != b:
+            raise ValueError(f"probe rows have batch size {rows.shape[0]}, the forward has {b}")
+        if rows.numel() and int(rows.max()) >= lq:
+            raise ValueError(f"probe rows must be query positions < {lq} (this forward's length), "
+                             f"got {int(rows.max())}")
+        if cols is not None and cols.numel() and int(cols.max()) >= lk:
+            raise ValueError(f"probe cols must be key positions < {lk}, got {int(cols.max())}")
+        self._checked.add((b, lq, lk))
 
     def _record(self, module, probs):
         idx = getattr(module, "layer_idx", None)
@@ -363,6 +389,58 @@ def _refuse(module, query, key, dropout, softcap, head_mask, kwargs):
         raise ValueError(f"query batch {query.shape[0]} != key batch {key.shape[0]}")
 
 
+def _from_dense(mask, b, lq, lk, window, where):
+    """Read a dense [B, 1, Lq, >= Lk] mask as (causal, window, key_padding_mask), or raise.
+
+    bool masks: True = keep; float masks: additive, 0 = keep, <= finfo.min / 2 (or -inf) = masked.
+    Accepted only if it equals exactly key padding x causal (x the module's window) or key padding
+    alone (bidirectional). This is the legacy path (models that still build 4-D masks, e.g. GPT-2
+    in transformers 4.53, or a 4-D mask given by the caller); it costs O(B Lq Lk) like the mask.
+    """
+    shape = tuple(mask.shape)
+    if shape[0] not in (1, b) or shape[1] != 1 or shape[2] != lq or shape[3] < lk:
+        raise UnsupportedMaskError(
+            f"abft_fast: the 4-D mask given to {where} has shape {shape}; expected [B={b} or 1, "
+            f"1, Lq={lq}, >= Lk={lk}] (per-head masks are not supported)")
+    mask = mask[:, 0, :, :lk]
+    if mask.dtype == torch.bool:
+        vis = mask
+    elif mask.dtype.is_floating_point:
+        off = mask <= torch.finfo(mask.dtype).min / 2
+        if not bool(((mask == 0) | off).all()):
+            raise UnsupportedMaskError(
+                f"abft_fast: the 4-D float mask given to {where} holds additive biases other than "
+                "0 and -inf (e.g. ALiBi or a soft mask), which the kernel cannot apply")
+        vis = ~off
+    else:
+        raise UnsupportedMaskError(f"abft_fast: 4-D masks must be bool or float, got {mask.dtype}")
+    vis = vis.expand(b, lq, lk)
+    kpm = vis.any(1)  # [B, Lk]: keys that some query sees (the others are invisible anyway)
+    rows = torch.arange(lq, device=mask.device).expand(b, -1)
+    cols = torch.arange(lk, device=mask.device)
+    for causal, w in ((True, window), (False, None)):
+        if torch.equal(visible(rows, cols, lq=lq, lk=lk, causal=causal, window=w,
+                               key_padding_mask=kpm), vis):
+            return causal, w, (None if bool(kpm.all()) else kpm)
+    raise UnsupportedMaskError(
+        f"abft_fast: the 4-D mask given to {where} is not a key padding mask combined with a "
+        f"causal{'' if window is None else f' window-{window}'} (bottom-right aligned) or a "
+        "bidirectional mask, so the kernel cannot honour it; pass a 2-D attention_mask or use "
+        "attn_implementation='sdpa' / 'eager'")
+
+
+def _scaling(module, query, scaling):
+    """The softmax scale: as given, else GPT-2's rule in transformers 4.5x (which passes none)."""
+    if scaling is not None:
+        return scaling
+    if hasattr(module, "scale_attn_weights"):  # GPT-2 family
+        s = query.shape[-1] ** -0.5 if module.scale_attn_weights else 1.0
+        if getattr(module, "scale_attn_by_inverse_layer_idx", False):
+            s /= float(module.layer_idx + 1)
+        return s
+    return None  # abft_fast.attention's default, head_dim ** -0.5
+
+
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                       sliding_window=None, softcap=None, head_mask=None, **kwargs):
     """Attention function registered under "abft_fast" in ``AttentionInterface``.
@@ -404,33 +482,27 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
             key, value = key[:, :, :end], value[:, :, :end]
             kpm = None if kpm is None else kpm[:, :end]
     elif attention_mask is None:
-        causal = bool(getattr(module, "is_causal", True))
+        is_causal = kwargs.get("is_causal")  # a hint some models pass for a None mask
+        causal = bool(getattr(module, "is_causal", True) if is_causal is None or lq == 1
+                      else is_causal)
         window = mod_window if causal else None
+    elif isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+        causal, window, kpm = _from_dense(attention_mask, query.shape[0], lq, lk, mod_window,
+                                          type(module).__name__)
     else:
         raise UnsupportedMaskError(
             f"abft_fast received an attention mask of type {type(attention_mask).__name__} "
-            f"{tuple(getattr(attention_mask, 'shape', ()))}; it only takes the masks built by its "
-            "own mask interface (a 2-D padding mask given to the model). A precomputed 4-D or "
-            "custom mask cannot be honoured: pass a 2-D attention_mask, or use "
+            f"{tuple(getattr(attention_mask, 'shape', ()))}; it takes the masks built by its own "
+            "mask interface (from a 2-D padding mask given to the model) or a dense 4-D mask that "
+            "is exactly padding x causal (x window). Pass a 2-D attention_mask, or use "
             "attn_implementation='sdpa' / 'eager'.")
-    is_causal = kwargs.get("is_causal")
-    if is_causal is not None and bool(is_causal) != causal and lq > 1:
-        raise UnsupportedMaskError(f"abft_fast: is_causal={is_causal} contradicts the mask "
-                                   f"(causal={causal})")
+    scaling = _scaling(module, query, scaling)
 
     rec = _active.get(id(module))
     rows = cols = None
     if rec is not None:
         rows, cols = rec._indices(query.device)
-        b = query.shape[0]
-        if rows.shape[0] != b:
-            raise ValueError(f"probe rows have batch size {rows.shape[0]}, the forward has {b}")
-        if rows.numel() and int(rows.max()) >= lq:
-            raise ValueError(f"probe rows must be query positions < {lq} (this forward's length), "
-                             f"got {int(rows.max())}")
-        if cols is not None and cols.numel() and int(cols.max()) >= key.shape[2]:
-            raise ValueError(f"probe cols must be key positions < {key.shape[2]}, got "
-                             f"{int(cols.max())}")
+        rec._check_sizes(query.shape[0], lq, key.shape[2])
     out, probs = _attention(query, key, value, causal=causal, scale=scaling, key_padding_mask=kpm,
                             window=window, probe_rows=rows, probe_cols=cols, backend=_backend)
     if rec is not None:

@@ -81,8 +81,26 @@ def gguf_path(name: str, workdir: str | os.PathLike | None = None) -> Path:
                                 f"`{p.pip}`") from e
 
 
+def _tf_major() -> str:
+    import transformers
+    return transformers.__version__.split(".")[0]
+
+
 def _cached(path: Path) -> bool:
-    return (path / _MARKER).is_file() and (path / "config.json").is_file()
+    """A finished conversion, written by this major version of transformers (4.x and 5.x write
+    different config formats, e.g. rope_theta vs rope_parameters)."""
+    try:
+        meta = json.loads((path / _MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return (path / "config.json").is_file() and meta.get("transformers_major") == _tf_major()
+
+
+def _dtype_kw(dtype) -> dict:
+    """``dtype=`` for from_pretrained (transformers >= 4.56), ``torch_dtype=`` before."""
+    import transformers
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
 
 
 def convert(name: str, *, force: bool = False, root: str | os.PathLike | None = None) -> Path:
@@ -109,7 +127,7 @@ def convert(name: str, *, force: bool = False, root: str | os.PathLike | None = 
         src = gguf_path(name, workdir=work)
         kw = dict(gguf_file=src.name, local_files_only=True)
         tok = AutoTokenizer.from_pretrained(src.parent, **kw)
-        model = AutoModelForCausalLM.from_pretrained(src.parent, dtype=torch.float32, **kw)
+        model = AutoModelForCausalLM.from_pretrained(src.parent, **_dtype_kw(torch.float32), **kw)
         # The GGUF weights are fully de-quantised; drop the quantizer record so that transformers
         # saves (and later loads) a plain float32 checkpoint.
         model.hf_quantizer = None
@@ -120,7 +138,8 @@ def convert(name: str, *, force: bool = False, root: str | os.PathLike | None = 
         tok.save_pretrained(out)
         (out / _MARKER).write_text(json.dumps(
             {"name": name, "package": PACKAGED[name].module, "gguf": src.name,
-             "gguf_bytes": src.stat().st_size, "dtype": "float32"}, indent=1))
+             "gguf_bytes": src.stat().st_size, "dtype": "float32",
+             "transformers_major": _tf_major()}, indent=1))
         if dest.exists() and (force or not _cached(dest)):
             shutil.rmtree(dest)
         try:
@@ -151,8 +170,8 @@ def load(name_or_path: str, *, dtype: torch.dtype = torch.float32,
         kwargs.setdefault("local_files_only", True)
     else:
         path = name_or_path
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
-                                                 attn_implementation=attn_implementation, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation,
+                                                 **_dtype_kw(dtype), **kwargs)
     tok_kw = {"local_files_only": kwargs["local_files_only"]} if "local_files_only" in kwargs else {}
     tokenizer = AutoTokenizer.from_pretrained(path, **tok_kw)
     if device is not None:
