@@ -205,14 +205,18 @@ def rounds_for(seconds_per_call, budget_env, default_budget, lo, hi) -> int:
     return int(max(lo, min(hi, budget / max(seconds_per_call, 1e-6))))
 
 
-def timed_pedantic(benchmark, target, setup, dev, rounds, warmup_rounds):
+def timed_pedantic(benchmark, target, setup, dev, rounds, warmup_rounds, above_current=False):
     """benchmark.pedantic with the peak CUDA memory over the timed rounds.
 
-    Returns (last result, stats dict with ms / ms_min / rounds / peak_mem_mb, or None when
-    pytest-benchmark timing is off)."""
+    peak_mem_mb is max_memory_allocated over the rounds; with above_current, minus what was
+    allocated before them (inputs and caches). Returns (last result, stats dict with ms / ms_min /
+    rounds / peak_mem_mb, or None when pytest-benchmark timing is off)."""
+    base = 0
     if dev.type == "cuda":
         sync(dev)
         torch.cuda.reset_peak_memory_stats(dev)
+        if above_current:
+            base = torch.cuda.memory_allocated(dev)
     res = benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=warmup_rounds,
                              iterations=1)
     if benchmark.disabled or benchmark.stats is None:
@@ -222,5 +226,5 @@ def timed_pedantic(benchmark, target, setup, dev, rounds, warmup_rounds):
            "peak_mem_mb": None}
     if dev.type == "cuda":
         sync(dev)
-        out["peak_mem_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
+        out["peak_mem_mb"] = (torch.cuda.max_memory_allocated(dev) - base) / 2 ** 20
     return res, out

@@ -105,7 +105,8 @@ def attention_plots(rows, out: Path, run_desc: str) -> list:
     written = []
     for dtype in sorted({r["dtype"] for r in rows}):
         rs = [r for r in rows if r["dtype"] == dtype]
-        shapes = sorted({shape_key(r) for r in rs}, key=lambda k: (int(k[1]), int(k[2]) // int(k[3])))
+        shapes = sorted({shape_key(r) for r in rs},
+                        key=lambda k: (int(k[1]), int(k[2]) // int(k[3])))
         modes = [m for m in ("fwd", "bwd", "both") if any(r["mode"] == m for r in rs)]
         for kind in ("ratio", "tflops"):
             fig, axes = plt.subplots(len(modes), len(shapes), squeeze=False,
@@ -203,7 +204,8 @@ def e2e_plot(rows, out: Path, run_desc: str) -> list:
 
 def run_description(rows) -> str:
     r = rows[0]
-    return f"{r['device']}, torch {r['torch']}, triton {r['triton']}, commit {r['commit']}, {r['date'][:10]}"
+    return (f"{r['device']}, torch {r['torch']}, triton {r['triton']}, commit {r['commit']}, "
+            f"{r['date'][:10]}")
 
 
 def main(argv=None) -> list:

@@ -206,8 +206,10 @@ def main(argv=None) -> str:
     a = ap.parse_args(argv)
     text = render(a.results, a.run, a.device, a.full)
     print(text, end="")
-    if a.out:
+    if a.out and "no benchmark has been recorded yet" not in text:
         a.out.write_text(text)
+    elif a.out:
+        print(f"table: nothing recorded for run {a.run}; {a.out} left as it was")
     return text
 
 

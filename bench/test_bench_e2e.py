@@ -9,8 +9,9 @@ positions, all heads counted), backward, Adam step on W_Q / W_K only. Methods:
       L x L probabilities of every layer, probes gathered from them.
   sdpa_recompute  HF's SDPA attention for the output, plus the probe rows recomputed on the side
       from the layer's q / k (abft_fast.torch_backend.probe_probs).
-Reports tokens/s and peak memory; an out-of-memory L is recorded as status "oom" and the method's
-longer L are skipped, so the longest L that fits is the last "ok" row.
+Reports tokens/s and peak memory (max_memory_allocated over the timed steps, weights included).
+An out-of-memory L is recorded as status "oom" and the method's longer L are skipped, so the
+longest L that fits is the last "ok" row.
 """
 from __future__ import annotations
 
@@ -174,6 +175,7 @@ def test_abft_step(e2e_case, benchmark, recorder):
     if first is not None and s.L > first:
         pytest.skip(f"{method} ran out of memory at L={first} already")
     benchmark.group = f"e2e {s.id}"
+    BL.free_memory()
     row = dict(model=s.model, method=method, dtype=s.dtype, B=s.B, L=s.L, status="ok", note="")
     oom = False
     try:
@@ -219,13 +221,14 @@ def test_abft_step(e2e_case, benchmark, recorder):
         oom = True
     finally:
         ah.set_backend("auto")
+        if _state["model"] is not None:
+            for p in _state["model"].parameters():
+                p.grad = None
     if oom:
         _first_oom[(s.model, method)] = s.L
         opt = qk = before = other = step = fwd = None
-        for p in _state["model"].parameters() if _state["model"] is not None else ():
-            p.grad = None
         BL.free_memory()
-        recorder.add("e2e", **row, status="oom")
+        recorder.add("e2e", **{**row, "status": "oom"})
         pytest.skip(f"out of memory: {method} {s.id}")
     if stats:
         row.update(ms=stats["ms"], ms_min=stats["ms_min"], rounds=stats["rounds"],

@@ -137,3 +137,61 @@ def test_plot_and_table(tmp_path):
 
 def test_table_without_results(tmp_path):
     assert "no benchmark has been recorded yet" in _load("table").render(tmp_path)
+
+
+class _Bench:
+    """Stand-in for the pytest-benchmark fixture with timing off."""
+    disabled, stats, group = True, None, None
+
+    def __init__(self):
+        self.extra_info = {}
+
+    def pedantic(self, target, setup=None, rounds=1, warmup_rounds=0, iterations=1):
+        args = setup() if setup else None
+        return target(*args[0]) if args else target()
+
+
+class _Rec:
+    sizes, timing, enabled = "smoke", False, True
+
+    def __init__(self):
+        self.rows = []
+
+    def add(self, table, **row):
+        self.rows.append((table, row))
+
+
+def test_attention_oom_is_recorded(monkeypatch):
+    import torch
+
+    import test_bench_attention as TA
+
+    def oom(self):
+        raise torch.OutOfMemoryError("CUDA out of memory (made up)")
+    monkeypatch.setattr(TA.OpCase, "forward", oom)
+    rec = _Rec()
+    s = BL.OpShape("fp32", 1, 2, 1, 32, 16, 1, 4)
+    with pytest.raises(pytest.skip.Exception, match="out of memory"):
+        TA.test_attention(("eager", "both", True, s), _Bench(), rec)
+    assert rec.rows == [("attention", rec.rows[0][1])] and rec.rows[0][1]["status"] == "oom"
+    assert rec.rows[0][1]["L"] == 32 and rec.rows[0][1]["method"] == "eager"
+
+
+def test_e2e_oom_skips_longer_sequences(monkeypatch):
+    import torch
+
+    import test_bench_e2e as TE
+
+    def probe_forward(method, model):
+        def fn(ids, rows, cols):
+            raise torch.OutOfMemoryError("CUDA out of memory (made up)")
+        return fn
+    monkeypatch.setattr(TE, "probe_forward", probe_forward)
+    monkeypatch.setattr(TE, "_first_oom", {})
+    rec = _Rec()
+    with pytest.raises(pytest.skip.Exception, match="out of memory"):
+        TE.test_abft_step(("eager", BL.E2EShape("tiny", "fp32", 1, 32)), _Bench(), rec)
+    assert [r["status"] for _, r in rec.rows] == ["oom"] and rec.rows[0][0] == "e2e"
+    with pytest.raises(pytest.skip.Exception, match="at L=32 already"):
+        TE.test_abft_step(("eager", BL.E2EShape("tiny", "fp32", 1, 64)), _Bench(), rec)
+    assert len(rec.rows) == 1
