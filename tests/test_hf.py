@@ -18,7 +18,7 @@ from transformers import (AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, Ll
 
 V, B, L = 61, 3, 11
 WINDOW = 4
-PAD = (0, 3, 6)  # pad tokens per sample (sample 2 has fewer real tokens than... twice the window)
+PAD = (0, 3, 6)  # pad tokens per sample; sample 2 has more pad tokens than the window
 common = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
               initializer_range=0.3, pad_token_id=0, bos_token_id=1, eos_token_id=2)
