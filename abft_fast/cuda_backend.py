@@ -1,4 +1,4 @@
-"""Backend "cuda": autograd over the CUDA C++ kernels in csrc/ (the fallback when Triton is unusable).
+"""Backend "cuda": autograd over the CUDA C++ kernels of csrc/, the fallback when Triton fails.
 
 The extension is the prebuilt ``abft_fast._cuda_ext`` when the package was installed with
 ``ABFT_FAST_BUILD_CUDA=1``; otherwise it is JIT-compiled with ninja through
@@ -115,8 +115,14 @@ class _CudaAttention(torch.autograd.Function):
         out, lse = ext.fwd(q, k, v, kpm, causal, scale, window or 0)
         probs = None
         if rows is not None:
-            probs = probe_probs_from_lse(q, k, lse, rows, cols, causal=causal, window=window,
-                                         kpm=kpm, scale=scale)
+            ncols = k.shape[2] if cols is None else cols.shape[1]
+            if rows.shape[1] == 0 or ncols == 0:  # empty probe set: nothing to compute
+                probs = torch.zeros(q.shape[0], q.shape[1], rows.shape[1], ncols,
+                                    dtype=torch.promote_types(q.dtype, torch.float32),
+                                    device=q.device)
+            else:
+                probs = probe_probs_from_lse(q, k, lse, rows, cols, causal=causal, window=window,
+                                             kpm=kpm, scale=scale)
         ctx.save_for_backward(q, k, v, out, lse, kpm, rows, cols, probs)
         ctx.ext = ext
         ctx.cfg = (causal, scale, window)
@@ -131,7 +137,7 @@ class _CudaAttention(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         extra = dq_dir = dk_dir = None
-        if probs is not None and dprobs is not None:
+        if probs is not None and dprobs is not None and probs.numel() > 0:
             extra, dq_dir, dk_dir = probe_backward(q, k, probs, dprobs, rows, cols, scale=scale)
         dq, dk, dv = ctx.ext.bwd(dout, q, k, v, out, lse, kpm, extra, dq_dir, dk_dir, causal,
                                  scale, window or 0)

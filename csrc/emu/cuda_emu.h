@@ -4,10 +4,11 @@
 //   - a block's threads are std::threads; __syncthreads() is a barrier; blocks run one by one,
 //     each with a freshly poisoned (0xFF bytes = NaN) dynamic shared-memory buffer;
 //   - __half / __nv_bfloat16 are 16-bit storage types with round-to-nearest-even conversions;
-//   - nvcuda::wmma (16 x 16 x 16, float accumulator) is emulated at the API level: every lane holds
-//     the whole tile, mma_sync accumulates in float, store_matrix_sync writes each element from
-//     exactly one lane. Pointer alignment (256 bits), leading dimensions (multiples of 16 bytes)
-//     and tiles lying inside shared memory are checked; a violation makes the launch fail.
+//   - nvcuda::wmma (16 x 16 x 16, float accumulator) is emulated at the API level: a lane holds
+//     whole A / B tiles but owns only the accumulator elements e = lane (mod 32) (the others are
+//     NaN), which it alone loads, computes (in float) and stores, so lanes of a warp never race.
+//     Pointer alignment (256 bits), leading dimensions (multiples of 16 bytes) and tiles lying
+//     inside shared memory are checked; a violation makes the launch fail.
 // It checks indexing, masking, tiling and barrier placement, not GPU timing, memory-model details
 // or the register layout of real tensor-core fragments.
 #pragma once
@@ -220,7 +221,8 @@ template <int M, int N, int K> struct frag_shape<accumulator, M, N, K> {
   static constexpr int rows = M, cols = N;
 };
 
-// Every lane holds the whole tile (as float; 16-bit inputs are exactly representable).
+// A / B: every lane holds the whole tile (as float; 16-bit values are exactly representable).
+// Accumulator: lane l owns elements e = l, l + 32, ... (row-major index); the rest are NaN.
 template <class Use, int M, int N, int K, class T, class Layout = void> struct fragment {
   static constexpr int rows = frag_shape<Use, M, N, K>::rows;
   static constexpr int cols = frag_shape<Use, M, N, K>::cols;
@@ -234,10 +236,11 @@ inline float emu_load(const __nv_bfloat16& x) { return __bfloat162float(x); }
 
 template <class T> inline void emu_check(const T* p, unsigned ldm, int rows, int cols,
                                          bool row_major_mem, const char* what) {
-  if (reinterpret_cast<uintptr_t>(p) % 32 != 0) emu::fail(std::string(what) + ": pointer not 256-bit aligned");
-  if ((ldm * sizeof(T)) % 16 != 0) emu::fail(std::string(what) + ": ldm not a multiple of 16 bytes");
+  const std::string w(what);
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0) emu::fail(w + ": pointer not 256-bit aligned");
+  if ((ldm * sizeof(T)) % 16 != 0) emu::fail(w + ": ldm not a multiple of 16 bytes");
   const size_t outer = row_major_mem ? rows : cols, inner = row_major_mem ? cols : rows;
-  if (ldm < inner) emu::fail(std::string(what) + ": ldm smaller than the tile");
+  if (ldm < inner) emu::fail(w + ": ldm smaller than the tile");
   emu::check_smem_range(p, 0, ((outer - 1) * ldm + inner) * sizeof(T), what);
 }
 
@@ -245,7 +248,8 @@ template <class Use, int M, int N, int K, class T, class Layout>
 inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned ldm) {
   static_assert(!std::is_same<Use, accumulator>::value, "accumulators load with a layout");
   constexpr bool rm = std::is_same<Layout, row_major>::value;
-  constexpr int R = fragment<Use, M, N, K, T, Layout>::rows, C = fragment<Use, M, N, K, T, Layout>::cols;
+  using F = fragment<Use, M, N, K, T, Layout>;
+  constexpr int R = F::rows, C = F::cols;
   emu_check(p, ldm, R, C, rm, "load_matrix_sync");
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) f.x[r * C + c] = emu_load(rm ? p[r * ldm + c] : p[c * ldm + r]);
@@ -256,8 +260,11 @@ inline void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const flo
                              unsigned ldm, layout_t layout) {
   const bool rm = layout == mem_row_major;
   emu_check(p, ldm, M, N, rm, "load_matrix_sync(accumulator)");
-  for (int r = 0; r < M; ++r)
-    for (int c = 0; c < N; ++c) f.x[r * N + c] = rm ? p[r * ldm + c] : p[c * ldm + r];
+  const int lane = threadIdx.x % 32;
+  for (int e = 0; e < M * N; ++e) {
+    const int r = e / N, c = e % N;
+    f.x[e] = e % 32 == lane ? (rm ? p[r * ldm + c] : p[c * ldm + r]) : NAN;
+  }
 }
 
 template <int M, int N, int K>
@@ -266,7 +273,7 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, flo
   const bool rm = layout == mem_row_major;
   emu_check(p, ldm, M, N, rm, "store_matrix_sync");
   const int lane = threadIdx.x % 32;
-  for (int e = lane; e < M * N; e += 32) {  // each element written by exactly one lane
+  for (int e = lane; e < M * N; e += 32) {  // the elements this lane owns
     const int r = e / N, c = e % N;
     (rm ? p[r * ldm + c] : p[c * ldm + r]) = f.x[e];
   }
@@ -282,14 +289,13 @@ inline void mma_sync(fragment<accumulator, M, N, K, float>& d,
                      const fragment<matrix_a, M, N, K, T, LA>& a,
                      const fragment<matrix_b, M, N, K, T, LB>& b,
                      const fragment<accumulator, M, N, K, float>& c) {
-  float out[M * N];
-  for (int i = 0; i < M; ++i)
-    for (int j = 0; j < N; ++j) {
-      float s = c.x[i * N + j];
-      for (int k = 0; k < K; ++k) s += a.x[i * K + k] * b.x[k * N + j];
-      out[i * N + j] = s;
-    }
-  memcpy(d.x, out, sizeof(out));
+  const int lane = threadIdx.x % 32;
+  for (int e = lane; e < M * N; e += 32) {  // the elements this lane owns (d may alias c)
+    const int i = e / N, j = e % N;
+    float s = c.x[e];
+    for (int k = 0; k < K; ++k) s += a.x[i * K + k] * b.x[k * N + j];
+    d.x[e] = s;
+  }
 }
 
 }  // namespace wmma
