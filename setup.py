@@ -38,7 +38,7 @@ setup(
         "torch>=2.5",
         "triton>=3.0; platform_system == 'Linux'",
         "numpy",
-        "transformers>=4.50",
+        "transformers>=4.53",
         "accelerate>=1.0",
         "safetensors",
         "tqdm",
