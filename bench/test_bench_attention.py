@@ -57,6 +57,14 @@ def _flex(compiled):
     from torch.nn.attention import flex_attention as fa
     fn = fa.flex_attention
     if compiled:
+        # one compilation per shape; past dynamo's default recompile limit (8) flex would silently
+        # fall back to its unfused eager path
+        import torch._dynamo.config as dc
+        for name, lo in (("recompile_limit", 256), ("cache_size_limit", 256),
+                         ("accumulated_recompile_limit", 4096),
+                         ("accumulated_cache_size_limit", 4096)):
+            if isinstance(getattr(dc, name, None), int):
+                setattr(dc, name, max(getattr(dc, name), lo))
         fn = torch.compile(fn, dynamic=False)
     return fn, getattr(fa, "AuxRequest", None)
 
