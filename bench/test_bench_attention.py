@@ -280,7 +280,7 @@ def test_attention(op_case, benchmark, recorder):
                L=s.L, D=s.D, R=s.R if probes else "", C=("all" if s.C is None else s.C)
                if probes else "", causal=s.causal, status="ok", note="")
     smoke = recorder.sizes == "smoke"
-    case = stats = None
+    case = stats = skip = None
     oom = False
     try:
         case = OpCase(method, mode, probes, s, dev, compile_flex=not smoke)
@@ -308,10 +308,13 @@ def test_attention(op_case, benchmark, recorder):
             oom = True
         elif method.startswith("sdpa_") and any(w in str(e).lower()
                                                 for w in ("kernel", "backend")):
-            pytest.skip(f"{method}: no kernel for this shape/dtype/device "
-                        f"({str(e).splitlines()[0][:120]})")
+            skip = (f"{method}: no kernel for this shape/dtype/device "
+                    f"({str(e).splitlines()[0][:120]})")
         else:
             raise
+    if skip:  # outside the except block, so that the traceback does not keep the inputs alive
+        case = None
+        pytest.skip(skip)
     if oom:
         case = None
         BL.free_memory()
