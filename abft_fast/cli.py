@@ -118,13 +118,13 @@ def cmd_train(args, title="ABFT"):
     from .trainer import TrainConfig, save_qk, train
     t_all = time.perf_counter()
     _setup(args)
-    out = args.out or os.path.join("runs", f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(out, exist_ok=True)
     cfg = TrainConfig(k=args.k, train_prompts=args.train_prompts, steps=args.steps,
                       batch=args.batch, micro_batch=args.micro_batch, lr=args.lr, a0=args.a0,
                       b=args.b, use_filter=not args.no_filter, use_pid=not args.no_pid,
                       seed=args.seed, lora=args.lora, lora_r=args.lora_r,
                       stop_early=not args.full_forward).check()
+    out = args.out or os.path.join("runs", f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(out, exist_ok=True)
     t = time.perf_counter()
     model, tok = load_model(args.model, args.dtype)
     load_s = time.perf_counter() - t

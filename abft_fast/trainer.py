@@ -93,10 +93,11 @@ def qk_parameters(model) -> list:
                 if not lora and "." in pname:
                     continue
                 out.append(QKParam(f"{mname}.{pname}", p))
-        elif leaf == "c_attn" and hasattr(mod, "nf"):
-            e = mod.nf // 3
-            if mod.nf != 3 * e:
-                raise ValueError(f"{mname}: fused c_attn width {mod.nf} is not 3 x hidden")
+        elif leaf == "c_attn" and hasattr(getattr(mod, "base_layer", mod), "nf"):
+            nf = getattr(mod, "base_layer", mod).nf  # peft's LoRA wrapper keeps it in base_layer
+            e = nf // 3
+            if nf != 3 * e:
+                raise ValueError(f"{mname}: fused c_attn width {nf} is not 3 x hidden")
             for pname, p in mod.named_parameters():
                 if lora:
                     if "lora_B" in pname and pname.endswith("weight"):

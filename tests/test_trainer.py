@@ -127,6 +127,17 @@ def test_lora_trains_only_adapters_and_reloads(task, tok, tmp_path):
         assert torch.equal(again(input_ids=ids).logits, peft_model(input_ids=ids).logits)
 
 
+def test_lora_on_gpt2_c_attn_leaves_v_untouched(task, tok):
+    model = gpt2(tok)
+    res = T.train(model, tok, task, cfg(lora=True, lora_r=4, steps=2, lr=1e-2), progress=False)
+    e = model.config.n_embd
+    bs = [p for n, p in res.model.named_parameters() if "c_attn.lora_B" in n]
+    assert len(bs) == 2
+    for p in bs:  # lora_B: [3E, r]; the V rows stay at their zero init, so V's delta is 0
+        assert p.shape[0] == 3 * e
+        assert torch.count_nonzero(p[2 * e:]) == 0 and torch.count_nonzero(p[:2 * e]) > 0
+
+
 def test_stop_early_gives_the_same_probes(task, tok):
     model = llama(tok)
     b = D.collate(D.encode(tok, D.training_prompts(task, 3, 4, seed=1)), tok.pad_token_id)
