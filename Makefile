@@ -33,7 +33,10 @@ test-gpu: install
 	$(BIN)/python -m pytest -q -m gpu tests
 
 bench: install
-	$(BIN)/python -m pytest -q bench --benchmark-only --benchmark-json=bench/results/latest.json
+	PYTHON=$(BIN)/python bash bench/run.sh $(PYTEST_ARGS)
+
+bench-smoke: install
+	$(BIN)/python -m pytest -q bench --benchmark-disable
 
 check-cuda:
 	mkdir -p build/check-cuda
