@@ -64,6 +64,21 @@ def _key_ok(kpm_ptr, s_kpm_b, b, offs_n, Lk, HAS_KPM: tl.constexpr):
 
 
 @triton.jit
+def _key_range(pid_m, Lk, OFF, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi) of the keys that query block pid_m can see (lo aligned to BLOCK_N); blocks outside
+    the causal / window band are skipped."""
+    lo = 0
+    hi = Lk
+    if CAUSAL:
+        hi = tl.minimum(Lk, pid_m * BLOCK_M + BLOCK_M + OFF)
+        if WINDOW > 0:
+            lo = tl.maximum(0, pid_m * BLOCK_M + OFF - WINDOW + 1)
+            lo = (lo // BLOCK_N) * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, KPM,
                 s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_ob, s_oh, s_ol, s_kpm_b,
                 Hq, G, Lq, Lk, D, sm_scale,
@@ -87,13 +102,7 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo = 0
-    hi = Lk
-    if CAUSAL:
-        hi = tl.minimum(Lk, pid_m * BLOCK_M + BLOCK_M + OFF)
-        if WINDOW > 0:
-            lo = tl.maximum(0, pid_m * BLOCK_M + OFF - WINDOW + 1)
-            lo = (lo // BLOCK_N) * BLOCK_N
+    lo, hi = _key_range(pid_m, Lk, OFF, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kp_ok = _key_ok(KPM, s_kpm_b, b, offs_n, Lk, HAS_KPM)
@@ -269,13 +278,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM,
     v_base = V + b * s_vb + hk * s_vh
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo = 0
-    hi = Lk
-    if CAUSAL:
-        hi = tl.minimum(Lk, pid_m * BLOCK_M + BLOCK_M + OFF)
-        if WINDOW > 0:
-            lo = tl.maximum(0, pid_m * BLOCK_M + OFF - WINDOW + 1)
-            lo = (lo // BLOCK_N) * BLOCK_N
+    lo, hi = _key_range(pid_m, Lk, OFF, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kp_ok = _key_ok(KPM, s_kpm_b, b, offs_n, Lk, HAS_KPM)
