@@ -28,25 +28,29 @@ template <class T, int P> struct DqCfg {
   using Smem = DqSmem<T, P, BM, BN>;
 };
 
-constexpr int kDeltaRows = kThreads;  // rows per block of the delta kernel (one thread per row)
+constexpr int kDeltaRowsPerWarp = 8;
+constexpr int kDeltaRows = kWarps * kDeltaRowsPerWarp;  // rows per block of the delta kernel
 
-// delta[row] = sum_d dout[row, d] * out[row, d] + (delta_extra ? delta_extra[row] : 0)
+// delta[row] = sum_d dout[row, d] * out[row, d] + (delta_extra ? delta_extra[row] : 0);
+// a warp per row at a time, lanes over d.
 template <class T>
 __global__ void __launch_bounds__(kThreads) attention_delta_kernel(BwdArgs a) {
   const Shape& s = a.s;
-  const int64_t row = (int64_t)blockIdx.x * kDeltaRows + threadIdx.x;  // flat (b, h, i)
-  const int64_t n = (int64_t)s.B * s.Hq * s.Lq;
-  if (row >= n) return;
-  const int i = (int)(row % s.Lq);
-  const int64_t bh = row / s.Lq;
-  const int h = (int)(bh % s.Hq), b = (int)(bh / s.Hq);
-  const T* o = static_cast<const T*>(a.out) + b * a.out_st.b + h * a.out_st.h + i * a.out_st.l;
-  const T* g = static_cast<const T*>(a.dout) + b * a.dout_st.b + h * a.dout_st.h +
-               i * a.dout_st.l;
-  float acc = 0.0f;
-  for (int d = 0; d < s.D; ++d) acc = fmaf(to_f(o[d]), to_f(g[d]), acc);
-  if (a.delta_extra != nullptr) acc += a.delta_extra[row];
-  a.delta[row] = acc;
+  const int lane = threadIdx.x % 32;
+  const int64_t nrows = (int64_t)s.B * s.Hq * s.Lq;
+  const int64_t first = (int64_t)blockIdx.x * kDeltaRows + (threadIdx.x / 32) * kDeltaRowsPerWarp;
+  for (int64_t row = first; row < first + kDeltaRowsPerWarp && row < nrows; ++row) {  // flat b,h,i
+    const int i = (int)(row % s.Lq);
+    const int64_t bh = row / s.Lq;
+    const int h = (int)(bh % s.Hq), b = (int)(bh / s.Hq);
+    const T* o = static_cast<const T*>(a.out) + b * a.out_st.b + h * a.out_st.h + i * a.out_st.l;
+    const T* g = static_cast<const T*>(a.dout) + b * a.dout_st.b + h * a.dout_st.h +
+                 i * a.dout_st.l;
+    float acc = 0.0f;
+    for (int d = lane; d < s.D; d += 32) acc = fmaf(to_f(o[d]), to_f(g[d]), acc);
+    acc = group_sum<32>(acc);
+    if (lane == 0) a.delta[row] = acc + (a.delta_extra != nullptr ? a.delta_extra[row] : 0.0f);
+  }
 }
 
 // Shared by both kernels: given S = Q K^T in sS and dP = dO V^T in sdP (both [BM][lds]) for query

@@ -74,6 +74,19 @@ __device__ __forceinline__ unsigned char* smem_base() {
 #endif
 }
 
+// Max / sum over groups of N consecutive lanes (N a power of two <= 32; every lane of the warp
+// calls it); each lane of a group gets the same result.
+template <int N> __device__ __forceinline__ float group_max(float x) {
+#pragma unroll
+  for (int o = 1; o < N; o <<= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+template <int N> __device__ __forceinline__ float group_sum(float x) {
+#pragma unroll
+  for (int o = 1; o < N; o <<= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Block-wide tile GEMMs. All kThreads threads call them; the caller puts __syncthreads() between
 // producing the operands and calling, and between calling and consuming C.

@@ -1,10 +1,10 @@
 // Forward kernel: flash attention with online softmax, writing out and lse (natural log).
 //
 // Grid (cdiv(Lq, BM), Hq, B); block = kThreads threads; one block owns BM query rows of one head
-// and walks the key tiles that those rows can see (causal / window ranges skip the rest). Thread
-// r < BM keeps the running max m and sum l of row r in registers. Per key tile:
-//   K -> smem; S = Q K^T; V -> smem (same buffer) while row threads turn S into P = exp(s - m_new)
-//   and rescale their O row by exp(m_old - m_new); O += P V.
+// and walks the key tiles that those rows can see (causal / window ranges skip the rest). Each row
+// has kThreads / BM threads, which keep its running max m and sum l in registers. Per key tile:
+//   K -> smem; S = Q K^T; V -> smem (same buffer) while the row threads turn S into
+//   P = exp(s - m_new) and rescale their O row by exp(m_old - m_new); O += P V.
 // Rows with no visible key end with l = 0: out = 0, lse = -inf.
 #pragma once
 
@@ -44,7 +44,13 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(FwdArgs a) {
 
   load_tile<BM, P>(sQ, L::ldt, q, a.q_st.l, m0, s.Lq, s.D);
   zero_acc<BM, P>(sO, L::ldo);
-  float m_run = -INFINITY, l_run = 0.0f;  // meaningful in threads tid < BM (row tid)
+  // Softmax work: TPR consecutive threads (lanes of one warp) per row, thread `part` of row r
+  // taking columns part, part + TPR, ...; each keeps identical copies of the row's running max
+  // m_run and sum l_run.
+  constexpr int TPR = kThreads / BM;
+  static_assert(kThreads % BM == 0 && TPR <= 32, "a row's threads must lie in one warp");
+  const int r = tid / TPR, part = tid % TPR;
+  float m_run = -INFINITY, l_run = 0.0f;
 
   int j0, j1;
   vis.key_range(m0, min(m0 + BM, s.Lq), &j0, &j1);
@@ -54,51 +60,50 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(FwdArgs a) {
     gemm_nt<BM, BN, P>(sS, L::lds, sQ, L::ldt, sKV, L::ldt);
     __syncthreads();  // S complete, K no longer read
     load_tile<BN, P>(sKV, L::ldt, v, a.v_st.l, n0, s.Lk, s.D);
-    if (tid < BM) {
-      const int i = m0 + tid;
-      float* srow = sS + tid * L::lds;
-      float mx = -INFINITY;
-      for (int c = 0; c < BN; ++c) {
-        const float x = vis(i, n0 + c) ? srow[c] * s.scale : -INFINITY;
-        srow[c] = x;
-        mx = fmaxf(mx, x);
-      }
-      const float m_new = fmaxf(m_run, mx);
-      // all of the row masked so far: keep P = 0 and O untouched (alpha = 1)
-      const float alpha = m_new == -INFINITY ? 1.0f : expf(m_run - m_new);
-      float sum = 0.0f;
-      T* prow = sP + tid * L::ldp;
-      for (int c = 0; c < BN; ++c) {
-        const float x = srow[c];
-        const float pv = x == -INFINITY ? 0.0f : expf(x - m_new);
-        sum += pv;
-        prow[c] = from_f<T>(pv);  // fp32: overwrites S in place (same element, same thread)
-      }
-      l_run = l_run * alpha + sum;
-      m_run = m_new;
-      if (alpha != 1.0f) {
-        float* orow = sO + tid * L::ldo;
-        for (int d = 0; d < P; ++d) orow[d] *= alpha;
-      }
+    float* srow = sS + r * L::lds;
+    float mx = -INFINITY;
+    for (int c = part; c < BN; c += TPR) {
+      const float x = vis(m0 + r, n0 + c) ? srow[c] * s.scale : -INFINITY;
+      srow[c] = x;
+      mx = fmaxf(mx, x);
+    }
+    mx = group_max<TPR>(mx);
+    const float m_new = fmaxf(m_run, mx);
+    // all of the row masked so far: keep P = 0 and O untouched (alpha = 1)
+    const float alpha = m_new == -INFINITY ? 1.0f : expf(m_run - m_new);
+    float sum = 0.0f;
+    T* prow = sP + r * L::ldp;
+    for (int c = part; c < BN; c += TPR) {
+      const float x = srow[c];
+      const float pv = x == -INFINITY ? 0.0f : expf(x - m_new);
+      sum += pv;
+      prow[c] = from_f<T>(pv);  // fp32: overwrites S in place (same element, same thread)
+    }
+    l_run = l_run * alpha + group_sum<TPR>(sum);
+    m_run = m_new;
+    if (alpha != 1.0f) {  // the same in the row's TPR threads
+      float* orow = sO + r * L::ldo;
+      for (int d = part; d < P; d += TPR) orow[d] *= alpha;
     }
     __syncthreads();  // P, rescaled O and V ready
     gemm_nn_acc<BM, P, BN>(sO, L::ldo, sP, L::ldp, sKV, L::ldt);
     __syncthreads();  // O updated; sKV and sP free for the next tile
   }
 
-  if (tid < BM) {
+  if (part == 0) {
     const bool has = l_run > 0.0f;
-    sInvL[tid] = has ? 1.0f / l_run : 0.0f;
-    sLse[tid] = has ? m_run + logf(l_run) : -INFINITY;
+    sInvL[r] = has ? 1.0f / l_run : 0.0f;
+    sLse[r] = has ? m_run + logf(l_run) : -INFINITY;
   }
   __syncthreads();
   const int64_t row_base = ((int64_t)b * s.Hq + h) * s.Lq;
   T* out = static_cast<T*>(a.out) + row_base * s.D;
   for (int e = tid; e < BM * s.D; e += kThreads) {
-    const int r = e / s.D, d = e % s.D;
-    if (m0 + r < s.Lq) out[(int64_t)(m0 + r) * s.D + d] = from_f<T>(sO[r * L::ldo + d] * sInvL[r]);
+    const int row = e / s.D, d = e % s.D;
+    if (m0 + row < s.Lq)
+      out[(int64_t)(m0 + row) * s.D + d] = from_f<T>(sO[row * L::ldo + d] * sInvL[row]);
   }
-  if (tid < BM && m0 + tid < s.Lq) a.lse[row_base + m0 + tid] = sLse[tid];
+  if (tid < BM && m0 + tid < s.Lq) a.lse[row_base + m0 + tid] = sLse[tid];  // tid as a row
 }
 
 }  // namespace abft

@@ -1,11 +1,12 @@
 // Runs the emulated kernels (attention_emu.cpp) over every dtype and head-dim bucket, on shapes
 // that span several tiles, so that a sanitizer build can look for shared-memory overruns
-// (AddressSanitizer) and missing __syncthreads() (ThreadSanitizer: lanes are real threads, so a
-// missing barrier is a data race). Values are not checked here; the pytest suite does that.
+// (AddressSanitizer) and missing __syncthreads() (ThreadSanitizer: with ABFT_EMU_THREADS every CUDA
+// thread is a std::thread, so a missing barrier is a data race). Values are not checked here; the
+// pytest suite does that. Build and run (a few minutes under ThreadSanitizer):
 //
-//   g++ -std=c++17 -O1 -g -fsanitize=thread -DABFT_EMULATION -pthread -Wno-unknown-pragmas
-//       csrc/emu/sanitize_main.cpp csrc/emu/attention_emu.cpp -o /tmp/abft_tsan
-//   /tmp/abft_tsan        (likewise with -fsanitize=address,undefined)
+//   g++ -std=c++17 -O1 -g -fsanitize=thread -DABFT_EMULATION -DABFT_EMU_THREADS -pthread
+//       -Wno-unknown-pragmas csrc/emu/sanitize_main.cpp csrc/emu/attention_emu.cpp -o /tmp/tsan
+//   /tmp/tsan        (likewise with -fsanitize=address,undefined)
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
