@@ -426,3 +426,24 @@ def test_cuda_gpu_large_logits_fp16():
                                           probe_rows=rows)
     assert torch.isfinite(out).all() and torch.isfinite(probs).all()
     assert rel_err(probs.double(), ref_p) < 1e-2 and rel_err(out.double(), ref_o) < 1e-2
+
+
+@pytest.mark.gpu
+def test_cuda_gpu_auto_falls_back_when_triton_is_unusable(monkeypatch):
+    import abft_fast
+    from abft_fast import attention as api
+    monkeypatch.setattr(api, "_broken", {})
+    monkeypatch.setattr(api, "triton_available", lambda dev: (False, "Triton disabled by the test"))
+    calls = []
+    real = cuda_backend.attention
+
+    def spy(*a):
+        calls.append(1)
+        return real(*a)
+    monkeypatch.setattr(cuda_backend, "attention", spy)
+    q, k, v = (torch.randn(2, 4, 50, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    with pytest.warns(RuntimeWarning, match="not using 'triton'.*disabled by the test"):
+        out, _ = abft_fast.attention(q, k, v, backend="auto")
+    assert calls == [1]
+    ref, _ = abft_fast.attention(q, k, v, backend="torch")
+    assert rel_err(out.double(), ref.double()) < 5e-3
