@@ -19,7 +19,7 @@ if os.environ.get("ABFT_FAST_BUILD_CUDA", "0") == "1":
         CUDAExtension(
             "abft_fast._cuda_ext",
             sources=["csrc/binding.cpp", "csrc/attention_fwd.cu", "csrc/attention_bwd.cu"],
-            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-std=c++17"]},
         )
     ]
     cmdclass = {"build_ext": BuildExtension}

@@ -28,6 +28,9 @@ def probe_probs_from_lse(q, k, lse, rows, cols, *, causal, window, kpm, scale):
     g = hq // hkv
     r = rows.shape[1]
     dt = torch.promote_types(q.dtype, torch.float32)
+    c_n = k.shape[2] if cols is None else cols.shape[1]
+    if r == 0 or c_n == 0:
+        return torch.zeros(b, hq, r, c_n, dtype=dt, device=q.device)
     rr = rows.clamp(min=0)
     qr = torch.gather(q, 2, rr[:, None, :, None].expand(b, hq, r, d)).to(dt)
     if cols is None:
