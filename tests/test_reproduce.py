@@ -105,14 +105,16 @@ def test_uninstalled_packaged_model_is_skipped(tmp_path, monkeypatch):
     assert any("skipping gemma3-270m" in s for s in logs)
 
 
-def test_real_cell_on_tiny_model(tmp_path):
+def test_real_cell_on_tiny_model(tmp_path, monkeypatch):
     """The real runner on a tiny random Llama: one ICL and one ABFT cell, then a resumed run."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     from abft_fast import data as D
     from tokenizers_offline import llama_style
-    d = tmp_path / "tiny-llama"
     task = D.load_task("sst2")
+    # Reading StaICC's data set takes seconds; the runner loads it once per cell: reuse this one.
+    monkeypatch.setattr(D, "load_task", lambda name, k=4: task)
+    d = tmp_path / "tiny-llama"
     tok = llama_style([" ".join(e.inputs) for e in task.pool], vocab=400)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
@@ -123,7 +125,7 @@ def test_real_cell_on_tiny_model(tmp_path):
     tok.save_pretrained(d)
     out = tmp_path / "res"
     args = ["--models", str(d), "--datasets", "sst2", "--seeds", "0", "--ablations",
-            "--eval-queries", "4", "--robustness-queries", "2", "--train-prompts", "8",
+            "--eval-queries", "4", "--robustness-queries", "1", "--train-prompts", "8",
             "--steps", "2", "--batch", "4", "--micro-batch", "2", "--lr", "1e-3",
             "--backend", "torch", "--no-progress", "--out", str(out)]
     R.main(args, log=lambda s: None)
