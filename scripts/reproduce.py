@@ -216,13 +216,17 @@ def _fmt(m, sd=None, n=None):
     return s
 
 
+def _delta(a, b):
+    return f"{b - a:+.1f}" if a is not None and b is not None else "–"
+
+
 def aggregate(cells):
     """Nested summary: per model, per data set, per variant: the metric lists over seeds."""
     agg = {}
     for c in cells:
         d = agg.setdefault(c["model"], {}).setdefault(c["dataset"], {})
         v = d.setdefault(c["variant"], {"seeds": [], "acc": [], "unseen": [], "tc": [], "dc": [],
-                                        "majority": None})
+                                        "majority": None, "n_unseen": None})
         ev = c["eval"]
         v["seeds"].append(c["seed"])
         v["acc"].append(ev["accuracy"])
@@ -230,6 +234,7 @@ def aggregate(cells):
         v["tc"].append(ev.get("template_consistency"))
         v["dc"].append(ev.get("demo_consistency"))
         v["majority"] = ev.get("majority_class_accuracy")
+        v["n_unseen"] = ev.get("unseen_label_prompts")
     return agg
 
 
@@ -282,17 +287,18 @@ def make_table(out, ablation_model=None):
         per_ds = agg[model]
         dss = [d for d in DATASETS if d in per_ds] + sorted(d for d in per_ds if d not in DATASETS)
         lines += [f"## Table 1 style: {model}", "",
-                  "| data set | maj. | ICL acc | ABFT acc | Δ | n | ICL unseen | ABFT unseen "
-                  "| ICL TC | ABFT TC | ICL DC | ABFT DC |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| data set | maj. | ICL acc | ABFT acc | Δ | n | unseen prompts | ICL unseen "
+                  "| ABFT unseen | ICL TC | ABFT TC | ICL DC | ABFT DC |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for d in dss:
             e = per_ds[d]
             i, f = e.get("icl"), e.get("full")
             row = [d, _fmt(_ms([e[next(iter(e))]["majority"]])[0])]
             im = _ms(i["acc"])[0] if i else None
             fm, fs, fn = _ms(f["acc"]) if f else (None, None, 0)
-            row += [_fmt(im), _fmt(fm, fs), _fmt(fm - im) if im is not None and fm is not None
-                    else "–", str(fn)]
+            nu = e[next(iter(e))]["n_unseen"]
+            row += [_fmt(im), _fmt(fm, fs), _delta(im, fm), str(fn),
+                    "–" if nu is None else str(nu)]
             for key in ("unseen", "tc", "dc"):
                 row += [_fmt(*_ms(i[key])[:2]) if i else "–", _fmt(*_ms(f[key])[:2]) if f else "–"]
             lines.append("| " + " | ".join(row) + " |")
@@ -300,8 +306,7 @@ def make_table(out, ablation_model=None):
         row = [f"**average ({len(both)} sets)**", "–"]
         ia, _ = _avg_over_datasets(per_ds, "icl", "acc", both)
         fa, fsd = _avg_over_datasets(per_ds, "full", "acc", both)
-        row += [_fmt(ia), _fmt(fa, fsd), _fmt(fa - ia) if ia is not None and fa is not None
-                else "–", ""]
+        row += [_fmt(ia), _fmt(fa, fsd), _delta(ia, fa), "", ""]
         extra = {}
         for key in ("unseen", "tc", "dc"):
             a, _ = _avg_over_datasets(per_ds, "icl", key, both)
@@ -317,7 +322,7 @@ def make_table(out, ablation_model=None):
     for model, s in summary["models"].items():
         lines.append(f"| {model} | {len(s['datasets'])} of 8 | {_fmt(s['icl_avg'])} | "
                      f"{_fmt(s['abft_avg'], s['abft_avg_std'])} | "
-                     f"{_fmt(s['abft_avg'] - s['icl_avg']) if s['abft_avg'] is not None and s['icl_avg'] is not None else '–'} "
+                     f"{_delta(s['icl_avg'], s['abft_avg'])} "
                      f"| this run |")
     for m, (a, b) in PAPER_T1.items():
         lines.append(f"| {m} | 8 of 8 | {a:.1f} | {b:.1f} | {b - a:+.1f} | paper |")

@@ -32,7 +32,7 @@ class FakeRunner:
         return {"model": R.model_key(model), "dataset": ds, "variant": variant, "seed": seed,
                 "eval": {"accuracy": acc, "unseen_label_accuracy": acc / 2,
                          "template_consistency": 0.9, "demo_consistency": 0.8,
-                         "majority_class_accuracy": 0.5}}
+                         "majority_class_accuracy": 0.5, "unseen_label_prompts": 3}}
 
 
 ARGS = ["--models", "fake-model", "--datasets", "sst2", "mr", "--seeds", "0", "1",
@@ -77,7 +77,7 @@ def test_resume_and_table(tmp_path):
     assert ab["no_pid"]["std"] == pytest.approx(math.sqrt(2 * 3.5 ** 2))  # seeds: 57.5, 64.5
     assert ab["full"]["avg"] == pytest.approx(69.5)
     # Per-data-set row: sst2 ABFT 75.0 ± 7.1, Δ +20.0 shown as 20.0; paper rows present.
-    assert "| sst2 | 50.0 | 50.0 | 75.0 ± 7.1 | 25.0 | 2 |" in text
+    assert "| sst2 | 50.0 | 50.0 | 75.0 ± 7.1 | +25.0 | 2 | 3 |" in text
     assert "| Falcon3-7B | 8 of 8 | 67.6 | 79.6 | +12.0 | paper |" in text
     assert "| no PID | 60.0 ± 7.1 | 62.0 ± 2.8 | 61.0 ± 4.9 | 76.9 |" in text
     assert (Path(out) / "table.md").read_text() == text
