@@ -29,12 +29,16 @@ def attention_mass(before: dict, after: dict | None, path, title=""):
 
 
 def training_curve(history: list, path, title=""):
-    """Loss, the PID weight A and the passing-head count per step."""
+    """Loss (total and per passing head), the PID weight A and the passing-head count per step."""
     plt = _plt()
     steps = [h["step"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-    for ax, key, label in zip(axes, ("loss", "A", "passing_heads"),
-                              ("ABFT loss", "A (wrong-label weight)", "passing heads / sample")):
+    keys = [k for k in ("loss", "loss_per_passing_head", "A", "passing_heads") if k in history[0]]
+    labels = {"loss": "ABFT loss (sum over passing heads)", "loss_per_passing_head":
+              "loss per passing head", "A": "A (wrong-label weight)",
+              "passing_heads": "passing heads / sample"}
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.7 * len(keys), 3.2))
+    for ax, key in zip(axes, keys):
+        label = labels[key]
         ax.plot(steps, [h[key] for h in history], "-o", ms=3)
         ax.set_xlabel("step")
         ax.set_title(label, fontsize=10)

@@ -313,8 +313,11 @@ def train(model, tokenizer, task: D.Task, cfg: TrainConfig, progress=True, accel
     for step in range(1, cfg.steps + 1):
         ts = time.perf_counter()
         sums = torch.zeros(5, dtype=torch.float64)  # loss*n, passing, m_pos, m_neg, n
+        # The step's samples, sorted by length so micro-batches carry little padding (the
+        # accumulated gradient is the same sum whatever the grouping).
+        step_items = sorted(next_items(cfg.batch), key=lambda e: len(e.input_ids))
         for j in range(n_micro):
-            items = next_items(cfg.micro_batch)
+            items = step_items[j * cfg.micro_batch:(j + 1) * cfg.micro_batch]
             if j % acc.num_processes != acc.process_index:
                 continue
             b = D.collate(items, pad).to(acc.device)
@@ -333,6 +336,7 @@ def train(model, tokenizer, task: D.Task, cfg: TrainConfig, progress=True, accel
         sums = acc.reduce(sums.to(acc.device), "sum").cpu()
         n = sums[4].item()
         rec = {"step": step, "loss": sums[0].item() / n, "A": a, "passing_heads": sums[1].item() / n,
+               "loss_per_passing_head": sums[0].item() / max(sums[1].item(), 1.0),
                "mass_correct": sums[2].item() / n, "mass_wrong": sums[3].item() / n,
                "seconds": time.perf_counter() - ts}
         result.history.append(rec)

@@ -124,3 +124,24 @@ def test_robustness_prompt_sets(sst2):
     # Query 0's 8 samplings are StaICC's sampler rows 0, 128, ..., 896.
     assert [p.demo_labels for p in dp[:8]] == [
         [sst2.demonstrations[i].label for i in sst2.test_demos[t * 128]] for t in range(8)]
+
+
+def test_label_positions_on_smollm2_tokenizer(sst2, trec):
+    """The real SmolLM2 tokenizer (GPT-2-style byte-level BPE, 49k vocab), when its converted
+    copy is in the model cache (abft_fast.models converts it on first use)."""
+    from abft_fast.models import cache_dir
+    path = cache_dir("smollm2-135m")
+    if not (path / "tokenizer.json").exists():
+        pytest.skip("SmolLM2 not converted yet (abft_fast.models.load('smollm2-135m'))")
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(path))
+    for task, want in ((sst2, ["\u0120negative", "\u0120positive"]),
+                       (trec, ["\u0120short", "\u0120entity", "\u0120description", "\u0120person",
+                               "\u0120location", "\u0120number"])):
+        ids = data.label_token_ids(tok, task.label_words, task.template.label_prefix)
+        assert tok.convert_ids_to_tokens(ids) == want
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            enc = data.encode(tok, data.eval_prompts(task, 32), label_ids=ids)
+        assert all(e.input_ids[p] == ids[lab] for e in enc
+                   for p, lab in zip(e.label_pos, e.demo_labels))
