@@ -136,7 +136,7 @@ def evaluate(model, tokenizer, task: D.Task, n_queries=None, batch=8, robustness
     }
     if robustness_queries:
         tp = D.template_prompts(task, robustness_queries)
-        tl, _ = _score_per_template(model, tokenizer, task, tp, batch, progress)
+        tl = _template_predictions(model, tokenizer, task, tp, batch, progress)
         res["template_consistency"] = consistency(tl, len(D.L9))
         dp = D.demo_sampling_prompts(task, robustness_queries)
         dl, _ = score_prompts(model, tokenizer, dp, label_ids, batch, False, progress,
@@ -147,7 +147,7 @@ def evaluate(model, tokenizer, task: D.Task, n_queries=None, batch=8, robustness
     return res
 
 
-def _score_per_template(model, tokenizer, task, prompts, batch, progress):
+def _template_predictions(model, tokenizer, task, prompts, batch, progress):
     # Label ids depend on the template's label prefix; score each template's prompts with its own.
     temps = D.template_variants(task)
     preds = [None] * len(prompts)
@@ -158,4 +158,4 @@ def _score_per_template(model, tokenizer, task, prompts, batch, progress):
                               progress, desc=f"template {t_i + 1}/9")
         for i, p in zip(idx, lg.argmax(1).tolist()):
             preds[i] = p
-    return preds, None
+    return preds

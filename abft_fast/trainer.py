@@ -5,7 +5,6 @@ attention implementation is "abft_fast"), nothing of the kernels.
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -348,7 +347,3 @@ def train(model, tokenizer, task: D.Task, cfg: TrainConfig, progress=True, accel
     result.seconds = time.perf_counter() - t0
     result.model = acc.unwrap_model(objective).model
     return result
-
-
-def history_json(result: TrainResult) -> str:
-    return json.dumps(result.history, indent=1)
