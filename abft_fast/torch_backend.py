@@ -18,8 +18,6 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def attention(q, k, v, causal, scale, key_padding_mask, window, probe_rows, probe_cols):
-    b, hq, lq, d = q.shape
-    lk = k.shape[2]
     out = _output(q, k, v, causal, scale, key_padding_mask, window)
     probs = None
     if probe_rows is not None:

@@ -1,26 +1,17 @@
 """CLI smoke runs on a tiny random Llama saved with its tokenizer to a local directory."""
 import json
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from abft_fast import cli
 from abft_fast import data as D
-from tokenizers_offline import llama_style
+from tokenizers_offline import save_tiny_llama
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-llama")
     task = D.load_task("sst2")
-    tok = llama_style([" ".join(e.inputs) for e in task.pool], vocab=400)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
+    save_tiny_llama(d, [" ".join(e.inputs) for e in task.pool])
     return str(d)
 
 

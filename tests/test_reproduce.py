@@ -108,21 +108,13 @@ def test_uninstalled_packaged_model_is_skipped(tmp_path, monkeypatch):
 def test_real_cell_on_tiny_model(tmp_path, monkeypatch):
     """The real runner on a tiny random Llama: one ICL and one ABFT cell, then a resumed run."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
     from abft_fast import data as D
-    from tokenizers_offline import llama_style
+    from tokenizers_offline import save_tiny_llama
     task = D.load_task("sst2")
     # Reading StaICC's data set takes seconds; the runner loads it once per cell: reuse this one.
     monkeypatch.setattr(D, "load_task", lambda name, k=4: task)
     d = tmp_path / "tiny-llama"
-    tok = llama_style([" ".join(e.inputs) for e in task.pool], vocab=400)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
+    save_tiny_llama(d, [" ".join(e.inputs) for e in task.pool])
     out = tmp_path / "res"
     args = ["--models", str(d), "--datasets", "sst2", "--seeds", "0", "--ablations",
             "--eval-queries", "4", "--robustness-queries", "1", "--train-prompts", "8",
