@@ -64,6 +64,39 @@ def _key_ok(kpm_ptr, s_kpm_b, b, offs_n, Lk, HAS_KPM: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(base, s_l, offs, L, offs_d, dmask):
+    """Rows offs (< L) of a [L, D] matrix at base with row stride s_l: [len(offs), BLOCK_D];
+    out-of-range entries read 0."""
+    return tl.load(base + offs[:, None] * s_l + offs_d[None, :],
+                   mask=(offs[:, None] < L) & dmask[None, :], other=0.0)
+
+
+@triton.jit
+def _load_tile_t(base, s_l, offs, L, offs_d, dmask):
+    """The transpose of ``_load_tile``: [BLOCK_D, len(offs)]."""
+    return tl.load(base + offs[None, :] * s_l + offs_d[:, None],
+                   mask=(offs[None, :] < L) & dmask[:, None], other=0.0)
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, bh, offs_m, Lq):
+    """Base-2 lse (+inf where a row sees no key, so its P is 0) and delta of rows offs_m."""
+    lse = tl.load(LSE + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    return lse2, delta
+
+
+@triton.jit
+def _heads(Hq, G):
+    """(bh, b, h, hk) of this program: axis 1 runs over batch x query heads; bh is int64 so base
+    offsets like bh * L * D may pass 2**31."""
+    bh = tl.program_id(1).to(tl.int64)
+    h = bh % Hq
+    return bh, bh // Hq, h, h // G
+
+
+@triton.jit
 def _key_range(pid_m, Lk, OFF, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """[lo, hi) of the keys that query block pid_m can see (lo aligned to BLOCK_N); blocks outside
@@ -86,16 +119,12 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # int64 base offsets: B*H*L*D may pass 2**31
-    b = bh // Hq
-    h = bh % Hq
-    hk = h // G
+    bh, b, h, hk = _heads(Hq, G)
     OFF = Lk - Lq
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_ql + offs_d[None, :],
-                mask=(offs_m[:, None] < Lq) & dmask[None, :], other=0.0)
+    q = _load_tile(Q + b * s_qb + h * s_qh, s_ql, offs_m, Lq, offs_d, dmask)
     k_base = K + b * s_kb + hk * s_kh
     v_base = V + b * s_vb + hk * s_vh
     qk_scale = sm_scale * 1.4426950408889634
@@ -106,8 +135,7 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM,
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kp_ok = _key_ok(KPM, s_kpm_b, b, offs_n, Lk, HAS_KPM)
-        kt = tl.load(k_base + offs_n[None, :] * s_kl + offs_d[:, None],
-                     mask=(offs_n[None, :] < Lk) & dmask[:, None], other=0.0)
+        kt = _load_tile_t(k_base, s_kl, offs_n, Lk, offs_d, dmask)
         s = _dot(q, kt, PREC, UPCAST) * qk_scale
         ok = _visible(offs_m, offs_n, Lq, Lk, kp_ok, OFF, CAUSAL, WINDOW)
         s = tl.where(ok, s, float("-inf"))
@@ -116,8 +144,7 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM,
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * s_vl + offs_d[None, :],
-                    mask=(offs_n[:, None] < Lk) & dmask[None, :], other=0.0)
+        v = _load_tile(v_base, s_vl, offs_n, Lk, offs_d, dmask)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, UPCAST)
         m_i = m_new
     empty = l_i == 0.0
@@ -136,10 +163,7 @@ def _probe_kernel(Q, K, LSE, ROWS, COLS, P, KPM,
                   FULL_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program per (b, h, probe slot r); loops over the C probe columns in blocks."""
     slot = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # int64 base offsets: B*H*L*D may pass 2**31
-    b = bh // Hq
-    h = bh % Hq
-    hk = h // G
+    bh, b, h, hk = _heads(Hq, G)
     OFF = Lk - Lq
     row = tl.load(ROWS + b * R + slot)
     row_ok = row >= 0
@@ -178,16 +202,12 @@ def _probe_kernel(Q, K, LSE, ROWS, COLS, P, KPM,
 def _delta_kernel(O, DO, EXTRA, DELTA, s_ob, s_oh, s_ol, s_db, s_dh, s_dl, Hq, Lq, D,
                   HAS_EXTRA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # int64 base offsets: B*H*L*D may pass 2**31
-    b = bh // Hq
-    h = bh % Hq
+    bh, b, h, _ = _heads(Hq, 1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    msk = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
-    o = tl.load(O + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :], mask=msk,
-                other=0.0).to(tl.float32)
-    do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dl + offs_d[None, :], mask=msk,
-                 other=0.0).to(tl.float32)
+    dmask = offs_d < D
+    o = _load_tile(O + b * s_ob + h * s_oh, s_ol, offs_m, Lq, offs_d, dmask).to(tl.float32)
+    do = _load_tile(DO + b * s_db + h * s_dh, s_dl, offs_m, Lq, offs_d, dmask).to(tl.float32)
     delta = tl.sum(o * do, 1)
     if HAS_EXTRA:
         delta += tl.load(EXTRA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
@@ -202,18 +222,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid_n = tl.program_id(0)
-    bhk = tl.program_id(1).to(tl.int64)  # int64 base offsets
-    b = bhk // Hkv
-    hk = bhk % Hkv
+    bhk, b, hk, _ = _heads(Hkv, 1)  # axis 1 runs over batch x key/value heads here
     OFF = Lk - Lq
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     nmask = (offs_n[:, None] < Lk) & dmask[None, :]
-    k = tl.load(K + b * s_kb + hk * s_kh + offs_n[:, None] * s_kl + offs_d[None, :], mask=nmask,
-                other=0.0)
-    v = tl.load(V + b * s_vb + hk * s_vh + offs_n[:, None] * s_vl + offs_d[None, :], mask=nmask,
-                other=0.0)
+    k = _load_tile(K + b * s_kb + hk * s_kh, s_kl, offs_n, Lk, offs_d, dmask)
+    v = _load_tile(V + b * s_vb + hk * s_vh, s_vl, offs_n, Lk, offs_d, dmask)
     kp_ok = _key_ok(KPM, s_kpm_b, b, offs_n, Lk, HAS_KPM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -232,12 +248,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM,
         do_base = DO + b * s_db + h * s_dh
         for start_m in tl.range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            mmask = (offs_m[:, None] < Lq) & dmask[None, :]
-            q = tl.load(q_base + offs_m[:, None] * s_ql + offs_d[None, :], mask=mmask, other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * s_dl + offs_d[None, :], mask=mmask, other=0.0)
-            lse = tl.load(LSE + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+            q = _load_tile(q_base, s_ql, offs_m, Lq, offs_d, dmask)
+            do = _load_tile(do_base, s_dl, offs_m, Lq, offs_d, dmask)
+            lse2, delta = _row_stats(LSE, DELTA, bh, offs_m, Lq)
             st = _dot(k, tl.trans(q), PREC, UPCAST) * qk_scale  # [BN, BM]
             ok = tl.trans(_visible(offs_m, offs_n, Lq, Lk, kp_ok, OFF, CAUSAL, WINDOW))
             pt = tl.where(ok, tl.exp2(st - lse2[None, :]), 0.0)
@@ -258,22 +271,14 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # int64 base offsets: B*H*L*D may pass 2**31
-    b = bh // Hq
-    h = bh % Hq
-    hk = h // G
+    bh, b, h, hk = _heads(Hq, G)
     OFF = Lk - Lq
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    mmask = (offs_m[:, None] < Lq) & dmask[None, :]
-    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_ql + offs_d[None, :], mask=mmask,
-                other=0.0)
-    do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dl + offs_d[None, :], mask=mmask,
-                 other=0.0)
-    lse = tl.load(LSE + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    q = _load_tile(Q + b * s_qb + h * s_qh, s_ql, offs_m, Lq, offs_d, dmask)
+    do = _load_tile(DO + b * s_db + h * s_dh, s_dl, offs_m, Lq, offs_d, dmask)
+    lse2, delta = _row_stats(LSE, DELTA, bh, offs_m, Lq)
     k_base = K + b * s_kb + hk * s_kh
     v_base = V + b * s_vb + hk * s_vh
     qk_scale = sm_scale * 1.4426950408889634
@@ -282,9 +287,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM,
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kp_ok = _key_ok(KPM, s_kpm_b, b, offs_n, Lk, HAS_KPM)
-        nmask = (offs_n[None, :] < Lk) & dmask[:, None]
-        kt = tl.load(k_base + offs_n[None, :] * s_kl + offs_d[:, None], mask=nmask, other=0.0)
-        vt = tl.load(v_base + offs_n[None, :] * s_vl + offs_d[:, None], mask=nmask, other=0.0)
+        kt = _load_tile_t(k_base, s_kl, offs_n, Lk, offs_d, dmask)
+        vt = _load_tile_t(v_base, s_vl, offs_n, Lk, offs_d, dmask)
         s = _dot(q, kt, PREC, UPCAST) * qk_scale
         ok = _visible(offs_m, offs_n, Lq, Lk, kp_ok, OFF, CAUSAL, WINDOW)
         p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
@@ -292,7 +296,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM,
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(kt.dtype), tl.trans(kt), PREC, UPCAST)
     dq = dq * sm_scale
-    tl.store(DQ + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :], dq, mask=mmask)
+    tl.store(DQ + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :], dq,
+             mask=(offs_m[:, None] < Lq) & dmask[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
