@@ -1,4 +1,5 @@
-"""The probe part of the fused op, shared by the fused backends (triton, cuda).
+"""The probe part of the op: scores of the probe rows (all backends) and, for the fused backends
+(triton, cuda), probabilities from the stored lse and their backward.
 
 Given the row log-sum-exp ``lse`` that the flash forward stores, a probe probability is
     P[r, c] = exp(scale * q_r . k_c - lse_r)            (0 when (r, c) is masked or a slot is -1)
@@ -20,26 +21,35 @@ import torch
 from .masks import visible
 
 
+def row_scores(q, kc, rows, dt):
+    """Unscaled scores of the probe rows: q [B,Hq,Lq,D], kc [B,Hkv,C,D], rows [B,R] (-1 read as 0)
+    -> q_r . k_c as [B,Hq,R,C] in dtype dt; query head h uses key head h // (Hq / Hkv)."""
+    b, hq, _, d = q.shape
+    hkv, r = kc.shape[1], rows.shape[1]
+    qr = torch.gather(q, 2, rows.clamp(min=0)[:, None, :, None].expand(b, hq, r, d)).to(dt)
+    # grouped: [B, Hkv, G*R, D] @ [B, Hkv, D, C] -> [B, Hq, R, C]
+    s = torch.matmul(qr.reshape(b, hkv, (hq // hkv) * r, d), kc.to(dt).transpose(-1, -2))
+    return s.reshape(b, hq, r, kc.shape[2])
+
+
 def probe_probs_from_lse(q, k, lse, rows, cols, *, causal, window, kpm, scale):
     """q [B,Hq,Lq,D], k [B,Hkv,Lk,D], lse [B,Hq,Lq] fp32 (-inf on empty rows), rows [B,R],
     cols [B,C] or None (all keys) -> P [B,Hq,R,C] float32 (float64 for float64 inputs)."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    g = hq // hkv
     r = rows.shape[1]
     dt = torch.promote_types(q.dtype, torch.float32)
     c_n = k.shape[2] if cols is None else cols.shape[1]
     if r == 0 or c_n == 0:
         return torch.zeros(b, hq, r, c_n, dtype=dt, device=q.device)
     rr = rows.clamp(min=0)
-    qr = torch.gather(q, 2, rr[:, None, :, None].expand(b, hq, r, d)).to(dt)
     if cols is None:
-        kc = k.to(dt)
+        kc = k
         cc = torch.arange(lk, device=q.device).unsqueeze(0).expand(b, -1)
     else:
         cc = cols.clamp(min=0)
-        kc = torch.gather(k, 2, cc[:, None, :, None].expand(b, hkv, cc.shape[1], d)).to(dt)
-    s = torch.matmul(qr.reshape(b, hkv, g * r, d), kc.transpose(-1, -2)).reshape(b, hq, r, -1)
+        kc = torch.gather(k, 2, cc[:, None, :, None].expand(b, hkv, cc.shape[1], d))
+    s = row_scores(q, kc, rows, dt)
     lr = torch.gather(lse.to(dt), 2, rr[:, None, :].expand(b, hq, r)).unsqueeze(-1)
     vis = visible(rr, cc, lq=lq, lk=lk, causal=causal, window=window, key_padding_mask=kpm)
     vis = vis & (rows >= 0).unsqueeze(-1)

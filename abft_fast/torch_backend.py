@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .masks import visible
+from .probe_math import row_scores
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -45,16 +46,10 @@ def _output(q, k, v, causal, scale, kpm, window):
 
 def probe_probs(q, k, causal, scale, kpm, window, probe_rows, probe_cols):
     """Probabilities of probe rows x probe cols, [B, Hq, R, C] (or [B, Hq, R, Lk])."""
-    b, hq, lq, d = q.shape
-    hkv, lk = k.shape[1], k.shape[2]
-    g = hq // hkv
-    r = probe_rows.shape[1]
-    dt = acc_dtype(q.dtype)
+    b, hq, lq, _ = q.shape
+    lk = k.shape[2]
     rows = probe_rows.clamp(min=0)
-    qr = torch.gather(q, 2, rows[:, None, :, None].expand(b, hq, r, d)).to(dt)
-    # grouped scores: [B, Hkv, g*R, D] @ [B, Hkv, D, Lk] -> [B, Hq, R, Lk]
-    s = torch.matmul(qr.reshape(b, hkv, g * r, d), k.to(dt).transpose(-1, -2))
-    s = (s * scale).reshape(b, hq, r, lk)
+    s = row_scores(q, k, probe_rows, acc_dtype(q.dtype)) * scale  # [B, Hq, R, Lk]
     vis = visible(rows, torch.arange(lk, device=q.device), lq=lq, lk=lk, causal=causal,
                   window=window, key_padding_mask=kpm)
     vis = vis & (probe_rows >= 0).unsqueeze(-1)
@@ -68,5 +63,5 @@ def probe_probs(q, k, causal, scale, kpm, window, probe_rows, probe_cols):
     if probe_cols is None:
         return p
     cols = probe_cols.clamp(min=0)
-    p = torch.gather(p, 3, cols[:, None, None, :].expand(b, hq, r, -1))
+    p = torch.gather(p, 3, cols[:, None, None, :].expand(b, hq, rows.shape[1], -1))
     return p * (probe_cols >= 0)[:, None, None, :].to(p.dtype)
