@@ -36,8 +36,24 @@ def attention(q, k, v, *, causal=True, scale=None, key_padding_mask=None, window
         16-bit inputs (else q's dtype), or None when probe_rows is None. Unused slots, masked
         entries and rows with no visible key give 0. Gradients flow from out and probs into q, k, v.
     """
+    return _dispatch(q, k, v, causal, scale, key_padding_mask, window, probe_rows, probe_cols,
+                     backend, check_values=True)
+
+
+def attention_prechecked(q, k, v, *, causal=True, scale=None, key_padding_mask=None, window=None,
+                         probe_rows=None, probe_cols=None, backend="auto"):
+    """``attention`` without the two checks that read tensor VALUES (probe indices in range,
+    integer padding masks 0/1), which synchronise a GPU with the host on every call. For callers
+    that validated those values once themselves, like ``abft_fast.hf`` (once per probe context and
+    shape instead of once per layer). Shapes, dtypes and devices are still checked."""
+    return _dispatch(q, k, v, causal, scale, key_padding_mask, window, probe_rows, probe_cols,
+                     backend, check_values=False)
+
+
+def _dispatch(q, k, v, causal, scale, key_padding_mask, window, probe_rows, probe_cols, backend,
+              check_values):
     key_padding_mask, window, scale = _check(q, k, v, causal, scale, key_padding_mask, window,
-                                             probe_rows, probe_cols, backend)
+                                             probe_rows, probe_cols, backend, check_values)
     args = (q, k, v, causal, scale, key_padding_mask, window, probe_rows, probe_cols)
     if backend == "auto":
         return _run_auto(q.device, args)
@@ -114,7 +130,8 @@ def _mark_broken(name, why):
                   stacklevel=4)
 
 
-def _check(q, k, v, causal, scale, kpm, window, probe_rows, probe_cols, backend):
+def _check(q, k, v, causal, scale, kpm, window, probe_rows, probe_cols, backend,
+           check_values=True):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -166,7 +183,7 @@ def _check(q, k, v, causal, scale, kpm, window, probe_rows, probe_cols, backend)
         if kpm.device != q.device:
             raise ValueError(f"key_padding_mask is on {kpm.device}, q on {q.device}")
         if kpm.dtype != torch.bool:
-            if bool(((kpm != 0) & (kpm != 1)).any()):
+            if check_values and bool(((kpm != 0) & (kpm != 1)).any()):
                 raise ValueError("key_padding_mask integer values must be 0 or 1")
             kpm = kpm != 0
     if probe_cols is not None and probe_rows is None:
@@ -182,7 +199,7 @@ def _check(q, k, v, causal, scale, kpm, window, probe_rows, probe_cols, backend)
             raise ValueError(f"{name} must have shape [B, n] with B = {b}, got {tuple(t.shape)}")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q on {q.device}")
-        if t.numel() and (bool((t < -1).any()) or bool((t >= hi).any())):
+        if check_values and t.numel() and (bool((t < -1).any()) or bool((t >= hi).any())):
             raise ValueError(f"{name} values must lie in [-1, {hi}) (-1 = unused slot); got "
                              f"min {int(t.min())}, max {int(t.max())}")
     if backend not in BACKENDS:

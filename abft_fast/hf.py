@@ -31,7 +31,7 @@ import threading
 import torch
 
 from .attention import BACKENDS
-from .attention import attention as _attention
+from .attention import attention_prechecked as _attention
 from .masks import visible
 
 try:

@@ -370,3 +370,33 @@ def test_triton_backend_matches_eager():
     (want * w).sum().backward()
     (rec.probs * w).sum().backward()
     assert_grads_close(grads(ref), grads(m))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_probed_forward_does_not_sync_per_layer(backend):
+    """The probe indices are validated once per probe context and shape, not in every layer:
+    a probed forward of an 8-layer model makes fewer host syncs than it has layers."""
+    import warnings
+    ah.set_backend(backend)
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(LlamaConfig(**dict(common, num_hidden_layers=8)),
+                                         attn_implementation="abft_fast").cuda().eval()
+    ids, am = batch("left")
+    ids, am = ids.cuda(), am.cuda()
+    rows, cols = probe_positions(am.cpu(), full_cols=False)
+    rows, cols = rows.cuda(), cols.cuda()
+    with ah.probe(m, rows=rows, cols=cols) as rec:
+        m(input_ids=ids, attention_mask=am)  # warm-up: compiles, validates this shape once
+        rec.per_layer.clear()
+        rec.layers.clear()
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                m(input_ids=ids, attention_mask=am)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    syncs = [x for x in w if "synchroniz" in str(x.message)]
+    assert len(rec.layers) == 8
+    assert len(syncs) < 8, [str(x.message) for x in syncs]

@@ -87,3 +87,33 @@ def test_auto_on_cpu_is_torch():
     b, pb = abft_fast.attention(q, k, v, probe_rows=torch.tensor([[7], [3]]), backend="torch")
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+
+
+# The checks that read tensor values (they synchronise a GPU): attention_prechecked skips them.
+NON_VALUE = [(m, f) for m, f in BAD
+             if "values must lie in" not in m and "integer values must be 0 or 1" not in m]
+
+
+@pytest.mark.parametrize("msg,mod", NON_VALUE, ids=[m for m, _ in NON_VALUE])
+def test_prechecked_path_keeps_every_non_value_check(msg, mod):
+    from abft_fast.attention import attention_prechecked
+    q, k, v = qkv()
+    kw = dict(q=q, k=k, v=v, backend="torch")
+    kw.update(mod(q, k, v))
+    a = (kw.pop("q"), kw.pop("k"), kw.pop("v"))
+    with pytest.raises((ValueError, TypeError)) as e:
+        attention_prechecked(*a, **kw)
+    assert msg in str(e.value)
+
+
+def test_prechecked_path_matches_attention():
+    from abft_fast.attention import attention_prechecked
+    q, k, v = qkv()
+    m = torch.ones(2, 8, dtype=torch.long)
+    m[1, :2] = 0
+    kw = dict(key_padding_mask=m, window=5, probe_rows=torch.tensor([[7, -1], [3, 6]]),
+              probe_cols=torch.tensor([[0, 6, 2], [-1, 5, 4]]), backend="torch")
+    a, pa = abft_fast.attention(q, k, v, **kw)
+    b, pb = attention_prechecked(q, k, v, **kw)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(pa, pb, rtol=0, atol=0)
