@@ -33,14 +33,18 @@ struct Shape {
   int64_t kpm_stride;
 };
 
-// Forward: out (dtype of q) and lse = log sum_j exp(scale q.k_j) over visible keys (natural log;
-// -inf on rows without a visible key, whose out is 0).
-struct FwdArgs {
+// What both directions read: the dtype, the shape and the inputs q, k, v.
+struct QkvArgs {
   DType dtype;
   Shape s;
   const void* q; Strides q_st;
   const void* k; Strides k_st;
   const void* v; Strides v_st;
+};
+
+// Forward: out (dtype of q) and lse = log sum_j exp(scale q.k_j) over visible keys (natural log;
+// -inf on rows without a visible key, whose out is 0).
+struct FwdArgs : QkvArgs {
   void* out;     // contiguous [B, Hq, Lq, D]
   float* lse;    // contiguous [B, Hq, Lq]
 };
@@ -48,12 +52,7 @@ struct FwdArgs {
 // Backward of out = softmax(scale q k^T) v, with delta_r = sum_d dout_rd out_rd + delta_extra_r.
 // Writes dq = dq_flash + dq_extra, dk = dk_flash + dk_extra (dk, dv summed over the GQA group),
 // dv = dv_flash, all in the input dtype (accumulated in float32). delta is float32 scratch.
-struct BwdArgs {
-  DType dtype;
-  Shape s;
-  const void* q; Strides q_st;
-  const void* k; Strides k_st;
-  const void* v; Strides v_st;
+struct BwdArgs : QkvArgs {
   const void* out; Strides out_st;
   const void* dout; Strides dout_st;
   const float* lse;          // contiguous [B, Hq, Lq]

@@ -14,19 +14,8 @@
 
 namespace abft {
 
-template <class T, int P> struct DkvCfg {
-  static constexpr Tile t = pick_tile<T, P, DkvSmem>();
-  static_assert(t.bm > 0, "no dk/dv tile fits the shared-memory budget");
-  static constexpr int BM = t.bm, BN = t.bn;
-  using Smem = DkvSmem<T, P, BM, BN>;
-};
-
-template <class T, int P> struct DqCfg {
-  static constexpr Tile t = pick_tile<T, P, DqSmem>();
-  static_assert(t.bm > 0, "no dq tile fits the shared-memory budget");
-  static constexpr int BM = t.bm, BN = t.bn;
-  using Smem = DqSmem<T, P, BM, BN>;
-};
+template <class T, int P> using DkvCfg = TileCfg<T, P, DkvSmem>;
+template <class T, int P> using DqCfg = TileCfg<T, P, DqSmem>;
 
 constexpr int kDeltaRowsPerWarp = 8;
 constexpr int kDeltaRows = kWarps * kDeltaRowsPerWarp;  // rows per block of the delta kernel
@@ -43,9 +32,8 @@ __global__ void __launch_bounds__(kThreads) attention_delta_kernel(BwdArgs a) {
     const int i = (int)(row % s.Lq);
     const int64_t bh = row / s.Lq;
     const int h = (int)(bh % s.Hq), b = (int)(bh / s.Hq);
-    const T* o = static_cast<const T*>(a.out) + b * a.out_st.b + h * a.out_st.h + i * a.out_st.l;
-    const T* g = static_cast<const T*>(a.dout) + b * a.dout_st.b + h * a.dout_st.h +
-                 i * a.dout_st.l;
+    const T* o = head_ptr<T>(a.out, a.out_st, b, h) + i * a.out_st.l;
+    const T* g = head_ptr<T>(a.dout, a.dout_st, b, h) + i * a.dout_st.l;
     float acc = 0.0f;
     for (int d = lane; d < s.D; d += 32) acc = fmaf(to_f(o[d]), to_f(g[d]), acc);
     acc = group_sum<32>(acc);
@@ -53,22 +41,41 @@ __global__ void __launch_bounds__(kThreads) attention_delta_kernel(BwdArgs a) {
   }
 }
 
-// Shared by both kernels: given S = Q K^T in sS and dP = dO V^T in sdP (both [BM][lds]) for query
-// rows m0.. and keys n0.., write P (into sP) and dS = P (dP - delta) (into sdS) as T.
-template <class T, int BM, int BN, int lds, int ldp>
-__device__ __forceinline__ void probs_and_dscores(const Visibility& vis, float scale, int m0,
-                                                  int n0, const float* sS, const float* sdP,
-                                                  const float* sLse, const float* sDelta, T* sP,
-                                                  T* sdS) {
+// The shared-memory buffers that both backward kernels have, at the offsets of layout L (DkvSmem
+// or DqSmem): Q, dO [BM][ldt], K, V [BN][ldt], S, dP [BM][lds], dS [BM][ldp], lse, delta [BM].
+template <class T, class L> struct BwdTiles {
+  T *q, *dout, *k, *v;
+  float *s, *dp;
+  T* ds;
+  float *lse, *delta;
+
+  __device__ __forceinline__ explicit BwdTiles(unsigned char* sm)
+      : q(reinterpret_cast<T*>(sm + L::q)), dout(reinterpret_cast<T*>(sm + L::dout)),
+        k(reinterpret_cast<T*>(sm + L::k)), v(reinterpret_cast<T*>(sm + L::v)),
+        s(reinterpret_cast<float*>(sm + L::s)), dp(reinterpret_cast<float*>(sm + L::dp)),
+        ds(reinterpret_cast<T*>(sm + L::ds)), lse(reinterpret_cast<float*>(sm + L::lse)),
+        delta(reinterpret_cast<float*>(sm + L::delta)) {}
+};
+
+// Shared by both kernels, for query rows m0.. and keys n0.. (Q, dO, K, V, lse, delta ready in sm):
+// S = Q K^T and dP = dO V^T, then P (into sP, unless nullptr) and dS = P (dP - delta) (into sm.ds)
+// as T. The caller puts __syncthreads() after it, before P or dS are read.
+template <int BM, int BN, int P, class T, class L>
+__device__ __forceinline__ void probs_and_dscores(const BwdTiles<T, L>& sm, const Visibility& vis,
+                                                  float scale, int m0, int n0, T* sP) {
+  constexpr int lds = L::lds, ldp = L::ldp;
+  gemm_nt<BM, BN, P>(sm.s, lds, sm.q, L::ldt, sm.k, L::ldt);
+  gemm_nt<BM, BN, P>(sm.dp, lds, sm.dout, L::ldt, sm.v, L::ldt);
+  __syncthreads();
   for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
     const int r = e / BN, c = e % BN;
-    const float lse = sLse[r];
+    const float lse = sm.lse[r];
     // lse = -inf: a row with no visible key (or a padding row), whose P is 0
     const float p = (lse != -INFINITY && vis(m0 + r, n0 + c))
-                        ? expf(sS[r * lds + c] * scale - lse) : 0.0f;
-    const float ds = p * (sdP[r * lds + c] - sDelta[r]);
-    if (sP != nullptr) sP[r * ldp + c] = from_f<T>(p);  // fp32: may overwrite sS[r][c] in place
-    sdS[r * ldp + c] = from_f<T>(ds);                    // fp32: may overwrite sdP[r][c] in place
+                        ? expf(sm.s[r * lds + c] * scale - lse) : 0.0f;
+    const float ds = p * (sm.dp[r * lds + c] - sm.delta[r]);
+    if (sP != nullptr) sP[r * ldp + c] = from_f<T>(p);  // fp32: may overwrite S[r][c] in place
+    sm.ds[r * ldp + c] = from_f<T>(ds);                  // fp32: may overwrite dP[r][c] in place
   }
 }
 
@@ -92,46 +99,32 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(BwdArgs a) {
   const int group = s.Hq / s.Hkv;
   const Visibility vis(s, b);
 
-  unsigned char* sm = smem_base();
-  T* sK = reinterpret_cast<T*>(sm + L::k);
-  T* sV = reinterpret_cast<T*>(sm + L::v);
-  float* sdK = reinterpret_cast<float*>(sm + L::dk);
-  float* sdV = reinterpret_cast<float*>(sm + L::dv);
-  T* sQ = reinterpret_cast<T*>(sm + L::q);
-  T* sdO = reinterpret_cast<T*>(sm + L::dout);
-  float* sS = reinterpret_cast<float*>(sm + L::s);
-  float* sdP = reinterpret_cast<float*>(sm + L::dp);
-  T* sP = reinterpret_cast<T*>(sm + L::p);
-  T* sdS = reinterpret_cast<T*>(sm + L::ds);
-  float* sLse = reinterpret_cast<float*>(sm + L::lse);
-  float* sDelta = reinterpret_cast<float*>(sm + L::delta);
+  unsigned char* smem = smem_base();
+  const BwdTiles<T, L> sm(smem);  // and this kernel's own dK, dV, P:
+  float* sdK = reinterpret_cast<float*>(smem + L::dk);
+  float* sdV = reinterpret_cast<float*>(smem + L::dv);
+  T* sP = reinterpret_cast<T*>(smem + L::p);
 
-  load_tile<BN, P>(sK, L::ldt, static_cast<const T*>(a.k) + b * a.k_st.b + hk * a.k_st.h,
-                   a.k_st.l, n0, s.Lk, s.D);
-  load_tile<BN, P>(sV, L::ldt, static_cast<const T*>(a.v) + b * a.v_st.b + hk * a.v_st.h,
-                   a.v_st.l, n0, s.Lk, s.D);
+  load_tile<BN, P>(sm.k, L::ldt, head_ptr<T>(a.k, a.k_st, b, hk), a.k_st.l, n0, s.Lk, s.D);
+  load_tile<BN, P>(sm.v, L::ldt, head_ptr<T>(a.v, a.v_st, b, hk), a.v_st.l, n0, s.Lk, s.D);
   zero_acc<BN, P>(sdK, L::lda);
   zero_acc<BN, P>(sdV, L::lda);
 
   int i0, i1;
   vis.query_range(n0, min(n0 + BN, s.Lk), &i0, &i1);
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
-    const T* q = static_cast<const T*>(a.q) + b * a.q_st.b + h * a.q_st.h;
-    const T* dout = static_cast<const T*>(a.dout) + b * a.dout_st.b + h * a.dout_st.h;
+    const T* q = head_ptr<T>(a.q, a.q_st, b, h);
+    const T* dout = head_ptr<T>(a.dout, a.dout_st, b, h);
     const int64_t row_base = ((int64_t)b * s.Hq + h) * s.Lq;
     for (int m0 = i0; m0 < i1; m0 += BM) {
-      load_tile<BM, P>(sQ, L::ldt, q, a.q_st.l, m0, s.Lq, s.D);
-      load_tile<BM, P>(sdO, L::ldt, dout, a.dout_st.l, m0, s.Lq, s.D);
-      load_row_stats<BM>(sLse, sDelta, a, row_base, m0);
+      load_tile<BM, P>(sm.q, L::ldt, q, a.q_st.l, m0, s.Lq, s.D);
+      load_tile<BM, P>(sm.dout, L::ldt, dout, a.dout_st.l, m0, s.Lq, s.D);
+      load_row_stats<BM>(sm.lse, sm.delta, a, row_base, m0);
       __syncthreads();  // Q, dO, stats (and K, V, zeroed dK, dV) ready
-      gemm_nt<BM, BN, P>(sS, L::lds, sQ, L::ldt, sK, L::ldt);
-      gemm_nt<BM, BN, P>(sdP, L::lds, sdO, L::ldt, sV, L::ldt);
+      probs_and_dscores<BM, BN, P>(sm, vis, s.scale, m0, n0, sP);
       __syncthreads();
-      probs_and_dscores<T, BM, BN, L::lds, L::ldp>(vis, s.scale, m0, n0, sS, sdP, sLse, sDelta,
-                                                   sP, sdS);
-      __syncthreads();
-      gemm_tn_acc<BN, P, BM>(sdV, L::lda, sP, L::ldp, sdO, L::ldt);  // dV += P^T dO
-      gemm_tn_acc<BN, P, BM>(sdK, L::lda, sdS, L::ldp, sQ, L::ldt);  // dK += dS^T Q
+      gemm_tn_acc<BN, P, BM>(sdV, L::lda, sP, L::ldp, sm.dout, L::ldt);  // dV += P^T dO
+      gemm_tn_acc<BN, P, BM>(sdK, L::lda, sm.ds, L::ldp, sm.q, L::ldt);  // dK += dS^T Q
       __syncthreads();  // before the next tile overwrites Q, dO, P, dS
     }
   }
@@ -151,42 +144,28 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(BwdArgs a) {
   const int hk = h / (s.Hq / s.Hkv);
   const Visibility vis(s, b);
 
-  unsigned char* sm = smem_base();
-  T* sQ = reinterpret_cast<T*>(sm + L::q);
-  T* sdO = reinterpret_cast<T*>(sm + L::dout);
-  float* sdQ = reinterpret_cast<float*>(sm + L::dq);
-  T* sK = reinterpret_cast<T*>(sm + L::k);
-  T* sV = reinterpret_cast<T*>(sm + L::v);
-  float* sS = reinterpret_cast<float*>(sm + L::s);
-  float* sdP = reinterpret_cast<float*>(sm + L::dp);
-  T* sdS = reinterpret_cast<T*>(sm + L::ds);
-  float* sLse = reinterpret_cast<float*>(sm + L::lse);
-  float* sDelta = reinterpret_cast<float*>(sm + L::delta);
+  unsigned char* smem = smem_base();
+  const BwdTiles<T, L> sm(smem);  // and this kernel's own dQ:
+  float* sdQ = reinterpret_cast<float*>(smem + L::dq);
 
-  const T* k = static_cast<const T*>(a.k) + b * a.k_st.b + hk * a.k_st.h;
-  const T* v = static_cast<const T*>(a.v) + b * a.v_st.b + hk * a.v_st.h;
+  const T* k = head_ptr<T>(a.k, a.k_st, b, hk);
+  const T* v = head_ptr<T>(a.v, a.v_st, b, hk);
   const int64_t row_base = ((int64_t)b * s.Hq + h) * s.Lq;
-  load_tile<BM, P>(sQ, L::ldt, static_cast<const T*>(a.q) + b * a.q_st.b + h * a.q_st.h,
-                   a.q_st.l, m0, s.Lq, s.D);
-  load_tile<BM, P>(sdO, L::ldt,
-                   static_cast<const T*>(a.dout) + b * a.dout_st.b + h * a.dout_st.h,
-                   a.dout_st.l, m0, s.Lq, s.D);
-  load_row_stats<BM>(sLse, sDelta, a, row_base, m0);
+  load_tile<BM, P>(sm.q, L::ldt, head_ptr<T>(a.q, a.q_st, b, h), a.q_st.l, m0, s.Lq, s.D);
+  load_tile<BM, P>(sm.dout, L::ldt, head_ptr<T>(a.dout, a.dout_st, b, h), a.dout_st.l, m0, s.Lq,
+                   s.D);
+  load_row_stats<BM>(sm.lse, sm.delta, a, row_base, m0);
   zero_acc<BM, P>(sdQ, L::lda);
 
   int j0, j1;
   vis.key_range(m0, min(m0 + BM, s.Lq), &j0, &j1);
   for (int n0 = j0; n0 < j1; n0 += BN) {
-    load_tile<BN, P>(sK, L::ldt, k, a.k_st.l, n0, s.Lk, s.D);
-    load_tile<BN, P>(sV, L::ldt, v, a.v_st.l, n0, s.Lk, s.D);
+    load_tile<BN, P>(sm.k, L::ldt, k, a.k_st.l, n0, s.Lk, s.D);
+    load_tile<BN, P>(sm.v, L::ldt, v, a.v_st.l, n0, s.Lk, s.D);
     __syncthreads();  // K, V (and Q, dO, stats, zeroed dQ) ready
-    gemm_nt<BM, BN, P>(sS, L::lds, sQ, L::ldt, sK, L::ldt);
-    gemm_nt<BM, BN, P>(sdP, L::lds, sdO, L::ldt, sV, L::ldt);
+    probs_and_dscores<BM, BN, P>(sm, vis, s.scale, m0, n0, static_cast<T*>(nullptr));
     __syncthreads();
-    probs_and_dscores<T, BM, BN, L::lds, L::ldp>(vis, s.scale, m0, n0, sS, sdP, sLse, sDelta,
-                                                 static_cast<T*>(nullptr), sdS);
-    __syncthreads();
-    gemm_nn_acc<BM, P, BN>(sdQ, L::lda, sdS, L::ldp, sK, L::ldt);  // dQ += dS K
+    gemm_nn_acc<BM, P, BN>(sdQ, L::lda, sm.ds, L::ldp, sm.k, L::ldt);  // dQ += dS K
     __syncthreads();  // before the next tile overwrites K, V, dS
   }
   __syncthreads();
@@ -201,8 +180,7 @@ namespace abft {
 // Checks the arguments and calls launch(kernel, grid, smem_bytes, args) -> error or nullptr for
 // the delta, dk / dv and dq kernels in turn.
 template <class Launch> const char* run_attention_bwd(const BwdArgs& a, Launch&& launch) {
-  if (const char* err = check_shape(a.s)) return err;
-  return dispatch(a.dtype, a.s.D, [&](auto tt, auto pc) -> const char* {
+  return dispatch(a.dtype, a.s, [&](auto tt, auto pc) -> const char* {
     using T = typename decltype(tt)::type;
     constexpr int P = decltype(pc)::value;
     const int64_t rows = (int64_t)a.s.B * a.s.Hq * a.s.Lq;

@@ -92,110 +92,80 @@ template <int N> __device__ __forceinline__ float group_sum(float x) {
 // producing the operands and calling, and between calling and consuming C.
 // M, N, K are the tile sizes; lda / ldb / ldc are row strides in elements.
 
-// C[m][n] = sum_k A[m][k] * B[n][k]
-template <int M, int N, int K, class T>
-__device__ __forceinline__ void gemm_nt(float* C, int ldc, const T* A, int lda, const T* B,
-                                        int ldb) {
+// C[m][n] (+)= sum_k a(m, k) * b(k, n) with a(m, k) = A[m][k] (A_T: A[k][m], A stored K x M),
+// b(k, n) = B[k][n] (B_T: B[n][k], B stored N x K); ACC: add to C, else overwrite it.
+// Use the named forms below.
+template <int M, int N, int K, bool A_T, bool B_T, bool ACC, class T>
+__device__ __forceinline__ void gemm(float* C, int ldc, const T* A, int lda, const T* B, int ldb) {
   if constexpr (use_wmma<T>()) {
     static_assert(M % 16 == 0 && N % 16 == 0 && K % 16 == 0, "WMMA tiles are 16 x 16 x 16");
     namespace wmma = nvcuda::wmma;
+    // a transposed operand is a column-major 16 x 16 tile
+    using LayoutA = std::conditional_t<A_T, wmma::col_major, wmma::row_major>;
+    using LayoutB = std::conditional_t<B_T, wmma::col_major, wmma::row_major>;
     const int warp = threadIdx.x / 32;
     for (int t = warp; t < (M / 16) * (N / 16); t += kWarps) {
       const int tm = t / (N / 16), tn = t % (N / 16);
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.0f);
+      float* c = C + tm * 16 * ldc + tn * 16;
+      if constexpr (ACC) {
+        wmma::load_matrix_sync(acc, c, ldc, wmma::mem_row_major);
+      } else {
+        wmma::fill_fragment(acc, 0.0f);
+      }
       for (int kk = 0; kk < K; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-        wmma::load_matrix_sync(a, A + tm * 16 * lda + kk, lda);
-        wmma::load_matrix_sync(b, B + tn * 16 * ldb + kk, ldb);
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LayoutA> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LayoutB> b;
+        wmma::load_matrix_sync(a, A_T ? A + kk * lda + tm * 16 : A + tm * 16 * lda + kk, lda);
+        wmma::load_matrix_sync(b, B_T ? B + tn * 16 * ldb + kk : B + kk * ldb + tn * 16, ldb);
         wmma::mma_sync(acc, a, b, acc);
       }
-      wmma::store_matrix_sync(C + tm * 16 * ldc + tn * 16, acc, ldc, wmma::mem_row_major);
+      wmma::store_matrix_sync(c, acc, ldc, wmma::mem_row_major);
     }
   } else {
     for (int e = threadIdx.x; e < M * N; e += kThreads) {
       const int m = e / N, n = e % N;
-      const T* a = A + m * lda;
-      const T* b = B + n * ldb;
-      float s = 0.0f;
+      float s = ACC ? C[m * ldc + n] : 0.0f;
 #pragma unroll 8
-      for (int k = 0; k < K; ++k) s = fmaf(to_f(a[k]), to_f(b[k]), s);
+      for (int k = 0; k < K; ++k) {
+        const T x = A_T ? A[k * lda + m] : A[m * lda + k];
+        const T y = B_T ? B[n * ldb + k] : B[k * ldb + n];
+        s = fmaf(to_f(x), to_f(y), s);
+      }
       C[m * ldc + n] = s;
     }
   }
+}
+
+// C[m][n] = sum_k A[m][k] * B[n][k]
+template <int M, int N, int K, class T>
+__device__ __forceinline__ void gemm_nt(float* C, int ldc, const T* A, int lda, const T* B,
+                                        int ldb) {
+  gemm<M, N, K, false, true, false>(C, ldc, A, lda, B, ldb);
 }
 
 // C[m][n] += sum_k A[m][k] * B[k][n]
 template <int M, int N, int K, class T>
 __device__ __forceinline__ void gemm_nn_acc(float* C, int ldc, const T* A, int lda, const T* B,
                                             int ldb) {
-  if constexpr (use_wmma<T>()) {
-    static_assert(M % 16 == 0 && N % 16 == 0 && K % 16 == 0, "WMMA tiles are 16 x 16 x 16");
-    namespace wmma = nvcuda::wmma;
-    const int warp = threadIdx.x / 32;
-    for (int t = warp; t < (M / 16) * (N / 16); t += kWarps) {
-      const int tm = t / (N / 16), tn = t % (N / 16);
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      float* c = C + tm * 16 * ldc + tn * 16;
-      wmma::load_matrix_sync(acc, c, ldc, wmma::mem_row_major);
-      for (int kk = 0; kk < K; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-        wmma::load_matrix_sync(a, A + tm * 16 * lda + kk, lda);
-        wmma::load_matrix_sync(b, B + kk * ldb + tn * 16, ldb);
-        wmma::mma_sync(acc, a, b, acc);
-      }
-      wmma::store_matrix_sync(c, acc, ldc, wmma::mem_row_major);
-    }
-  } else {
-    for (int e = threadIdx.x; e < M * N; e += kThreads) {
-      const int m = e / N, n = e % N;
-      const T* a = A + m * lda;
-      float s = C[m * ldc + n];
-#pragma unroll 8
-      for (int k = 0; k < K; ++k) s = fmaf(to_f(a[k]), to_f(B[k * ldb + n]), s);
-      C[m * ldc + n] = s;
-    }
-  }
+  gemm<M, N, K, false, false, true>(C, ldc, A, lda, B, ldb);
 }
 
 // C[m][n] += sum_k A[k][m] * B[k][n]   (A stored K x M)
 template <int M, int N, int K, class T>
 __device__ __forceinline__ void gemm_tn_acc(float* C, int ldc, const T* A, int lda, const T* B,
                                             int ldb) {
-  if constexpr (use_wmma<T>()) {
-    static_assert(M % 16 == 0 && N % 16 == 0 && K % 16 == 0, "WMMA tiles are 16 x 16 x 16");
-    namespace wmma = nvcuda::wmma;
-    const int warp = threadIdx.x / 32;
-    for (int t = warp; t < (M / 16) * (N / 16); t += kWarps) {
-      const int tm = t / (N / 16), tn = t % (N / 16);
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      float* c = C + tm * 16 * ldc + tn * 16;
-      wmma::load_matrix_sync(acc, c, ldc, wmma::mem_row_major);
-      for (int kk = 0; kk < K; kk += 16) {
-        // element (m, k) of A^T is A[k * lda + m]: a column-major 16 x 16 tile
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-        wmma::load_matrix_sync(a, A + kk * lda + tm * 16, lda);
-        wmma::load_matrix_sync(b, B + kk * ldb + tn * 16, ldb);
-        wmma::mma_sync(acc, a, b, acc);
-      }
-      wmma::store_matrix_sync(c, acc, ldc, wmma::mem_row_major);
-    }
-  } else {
-    for (int e = threadIdx.x; e < M * N; e += kThreads) {
-      const int m = e / N, n = e % N;
-      float s = C[m * ldc + n];
-#pragma unroll 8
-      for (int k = 0; k < K; ++k) s = fmaf(to_f(A[k * lda + m]), to_f(B[k * ldb + n]), s);
-      C[m * ldc + n] = s;
-    }
-  }
+  gemm<M, N, K, true, false, true>(C, ldc, A, lda, B, ldb);
 }
 
 // ---------------------------------------------------------------------------------------------
 // tiles in and out of global memory
+
+// Head h of batch row b of a [B, H, L, D] tensor with element strides st.
+template <class T>
+__device__ __forceinline__ const T* head_ptr(const void* base, const Strides& st, int b, int h) {
+  return static_cast<const T*>(base) + b * st.b + h * st.h;
+}
 
 // dst[r][d] (row stride ld) = src[(row0 + r) * stride_l + d] for row0 + r < nrows and d < D,
 // else 0; r < ROWS, d < P.
@@ -360,6 +330,15 @@ constexpr Tile pick_tile() {
   }
 }
 
+// Tile sizes BM x BN and shared-memory layout Smem of a kernel with layout Layout, for element
+// type T and head-dim bucket P.
+template <class T, int P, template <class, int, int, int> class Layout> struct TileCfg {
+  static constexpr Tile t = pick_tile<T, P, Layout>();
+  static_assert(t.bm > 0, "no tile of this kernel's layout fits the shared-memory budget");
+  static constexpr int BM = t.bm, BN = t.bn;
+  using Smem = Layout<T, P, BM, BN>;
+};
+
 // ---------------------------------------------------------------------------------------------
 // dispatch: f(T{}, std::integral_constant<int, P>{}) with P the supported head-dim bucket >= D
 
@@ -383,12 +362,15 @@ inline const char* check_shape(const Shape& s) {
   return nullptr;
 }
 
-template <class F> const char* dispatch(DType dtype, int D, F&& f) {
-  if (D < 1) return "head dim must be positive";
+// Checks the shape, then returns f(TypeTag<T>{}, std::integral_constant<int, P>{}) for the dtype
+// and the head-dim bucket of s.D.
+template <class F> const char* dispatch(DType dtype, const Shape& s, F&& f) {
+  if (const char* err = check_shape(s)) return err;
+  if (s.D < 1) return "head dim must be positive";
   switch (dtype) {
-    case DType::F32: return dispatch_head_dim<float>(D, f);
-    case DType::F16: return dispatch_head_dim<__half>(D, f);
-    case DType::BF16: return dispatch_head_dim<__nv_bfloat16>(D, f);
+    case DType::F32: return dispatch_head_dim<float>(s.D, f);
+    case DType::F16: return dispatch_head_dim<__half>(s.D, f);
+    case DType::BF16: return dispatch_head_dim<__nv_bfloat16>(s.D, f);
   }
   return "unknown dtype (expected float32, float16 or bfloat16)";
 }

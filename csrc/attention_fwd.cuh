@@ -12,12 +12,7 @@
 
 namespace abft {
 
-template <class T, int P> struct FwdCfg {
-  static constexpr Tile t = pick_tile<T, P, FwdSmem>();
-  static_assert(t.bm > 0, "no forward tile fits the shared-memory budget");
-  static constexpr int BM = t.bm, BN = t.bn;
-  using Smem = FwdSmem<T, P, BM, BN>;
-};
+template <class T, int P> using FwdCfg = TileCfg<T, P, FwdSmem>;
 
 template <class T, int P>
 __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(FwdArgs a) {
@@ -38,9 +33,9 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(FwdArgs a) {
   float* sInvL = reinterpret_cast<float*>(sm + L::stat);
   float* sLse = sInvL + BM;
 
-  const T* q = static_cast<const T*>(a.q) + b * a.q_st.b + h * a.q_st.h;
-  const T* k = static_cast<const T*>(a.k) + b * a.k_st.b + hk * a.k_st.h;
-  const T* v = static_cast<const T*>(a.v) + b * a.v_st.b + hk * a.v_st.h;
+  const T* q = head_ptr<T>(a.q, a.q_st, b, h);
+  const T* k = head_ptr<T>(a.k, a.k_st, b, hk);
+  const T* v = head_ptr<T>(a.v, a.v_st, b, hk);
 
   load_tile<BM, P>(sQ, L::ldt, q, a.q_st.l, m0, s.Lq, s.D);
   zero_acc<BM, P>(sO, L::ldo);
@@ -112,8 +107,7 @@ namespace abft {
 
 // Checks the arguments and calls launch(kernel, grid, smem_bytes, args) -> error or nullptr.
 template <class Launch> const char* run_attention_fwd(const FwdArgs& a, Launch&& launch) {
-  if (const char* err = check_shape(a.s)) return err;
-  return dispatch(a.dtype, a.s.D, [&](auto tt, auto pc) -> const char* {
+  return dispatch(a.dtype, a.s, [&](auto tt, auto pc) -> const char* {
     using T = typename decltype(tt)::type;
     constexpr int P = decltype(pc)::value;
     using C = FwdCfg<T, P>;

@@ -122,6 +122,19 @@ void poison(std::initializer_list<Tensor> ts) {
   for (Tensor t : ts) t.fill_(std::numeric_limits<double>::quiet_NaN());  // same storage
 }
 
+// The fields of QkvArgs, shared by the forward and backward arguments.
+void set_qkv(abft::QkvArgs* a, const abft::Shape& s, const Tensor& q, const Tensor& k,
+             const Tensor& v) {
+  a->dtype = dtype_of(q);
+  a->s = s;
+  a->q = q.data_ptr();
+  a->q_st = strides_of(q);
+  a->k = k.data_ptr();
+  a->k_st = strides_of(k);
+  a->v = v.data_ptr();
+  a->v_st = strides_of(v);
+}
+
 void* current_stream() {
 #ifdef ABFT_EMULATION
   return nullptr;
@@ -144,14 +157,7 @@ std::vector<Tensor> fwd(Tensor q, Tensor k, Tensor v, c10::optional<Tensor> key_
   Tensor lse = at::empty({s.B, s.Hq, s.Lq}, q.options().dtype(at::kFloat));
   poison({out, lse});
   abft::FwdArgs a;
-  a.dtype = dtype_of(q);
-  a.s = s;
-  a.q = q.data_ptr();
-  a.q_st = strides_of(q);
-  a.k = k.data_ptr();
-  a.k_st = strides_of(k);
-  a.v = v.data_ptr();
-  a.v_st = strides_of(v);
+  set_qkv(&a, s, q, k, v);
   a.out = out.data_ptr();
   a.lse = lse.data_ptr<float>();
   const char* err = abft::attention_fwd(a, current_stream());
@@ -185,14 +191,7 @@ std::vector<Tensor> bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, T
   Tensor dv = at::empty({s.B, s.Hkv, s.Lk, s.D}, q.options());
   poison({delta, dq, dk, dv});
   abft::BwdArgs a;
-  a.dtype = dtype_of(q);
-  a.s = s;
-  a.q = q.data_ptr();
-  a.q_st = strides_of(q);
-  a.k = k.data_ptr();
-  a.k_st = strides_of(k);
-  a.v = v.data_ptr();
-  a.v_st = strides_of(v);
+  set_qkv(&a, s, q, k, v);
   a.out = out.data_ptr();
   a.out_st = strides_of(out);
   a.dout = dout.data_ptr();
