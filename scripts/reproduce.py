@@ -226,8 +226,13 @@ def aggregate(cells):
     for c in cells:
         d = agg.setdefault(c["model"], {}).setdefault(c["dataset"], {})
         v = d.setdefault(c["variant"], {"seeds": [], "acc": [], "unseen": [], "tc": [], "dc": [],
+                                        "mass_correct": [], "mass_wrong": [],
                                         "majority": None, "n_unseen": None})
         ev = c["eval"]
+        mass = ev.get("attention_mass") or {}
+        # Last-token attention on the demonstrations' correct / wrong labels, summed over layers.
+        v["mass_correct"].append(sum(mass["correct"]) if "correct" in mass else None)
+        v["mass_wrong"].append(sum(mass["wrong"]) if "wrong" in mass else None)
         v["seeds"].append(c["seed"])
         v["acc"].append(ev["accuracy"])
         v["unseen"].append(ev.get("unseen_label_accuracy"))
@@ -266,6 +271,36 @@ def _avg_over_datasets(per_ds, variant, metric, datasets):
             per_seed.append(sum(vals) / len(vals))
     _, sd, _ = _ms(per_seed)
     return avg, sd
+
+
+def _mass_table(model, per_ds):
+    """Rows per data set and variant: last-token attention on correct / wrong demonstration labels
+    (per layer the mean over heads of the summed label probability, then summed over layers;
+    mean over seeds) and the correct share c / (c + w)."""
+    rows = []
+    for d in [d for d in DATASETS if d in per_ds] + sorted(d for d in per_ds if d not in DATASETS):
+        for v in ["icl"] + list(VARIANTS):
+            e = per_ds[d].get(v)
+            if e is None:
+                continue
+            c, _, _ = _ms(e["mass_correct"], 1.0)
+            w, _, _ = _ms(e["mass_wrong"], 1.0)
+            if c is None or w is None:
+                continue
+            share = c / (c + w) if c + w > 0 else None
+            rows.append(f"| {d} | {'vanilla ICL' if v == 'icl' else VARIANT_NAMES[v]} | "
+                        f"{_fmt(*_ms(e['acc'])[:2])} | {c:.3f} | {w:.3f} | "
+                        f"{'–' if share is None else f'{share:.3f}'} |")
+    if not rows:
+        return []
+    return [f"## Attention on the demonstrations' labels: {model}", "",
+            "Last token of the standard evaluation prompts; per layer the mean over heads of the "
+            "probability on the correct (resp. wrong) labels, summed over layers; mean over "
+            "seeds. Correct share = correct / (correct + wrong); attention blind to the labels' "
+            "values gives about the fraction of demonstrations whose label is the query's "
+            "(1/2 for two classes, less with more).", "",
+            "| data set | variant | accuracy | correct | wrong | correct share |",
+            "|---|---|---|---|---|---|", *rows, ""]
 
 
 def make_table(out, ablation_model=None):
@@ -316,6 +351,8 @@ def make_table(out, ablation_model=None):
         lines += ["| " + " | ".join(row) + " |", ""]
         summary["models"][model] = {"datasets": both, "icl_avg": ia, "abft_avg": fa,
                                     "abft_avg_std": fsd, **{f"{k}_avg": v for k, v in extra.items()}}
+    for model in sorted(agg):
+        lines += _mass_table(model, agg[model])
     # Comparison with the paper's averages.
     lines += ["## Average accuracy, ICL -> ABFT, next to the paper (Table 1)", "",
               "| model | data sets | ICL | ABFT | Δ | source |", "|---|---|---|---|---|---|"]

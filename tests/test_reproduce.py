@@ -32,7 +32,8 @@ class FakeRunner:
         return {"model": R.model_key(model), "dataset": ds, "variant": variant, "seed": seed,
                 "eval": {"accuracy": acc, "unseen_label_accuracy": acc / 2,
                          "template_consistency": 0.9, "demo_consistency": 0.8,
-                         "majority_class_accuracy": 0.5, "unseen_label_prompts": 3}}
+                         "majority_class_accuracy": 0.5, "unseen_label_prompts": 3,
+                         "attention_mass": {"correct": [acc / 2, acc / 2], "wrong": [0.25, 0.25]}}}
 
 
 ARGS = ["--models", "fake-model", "--datasets", "sst2", "mr", "--seeds", "0", "1",
@@ -80,6 +81,10 @@ def test_resume_and_table(tmp_path):
     assert "| sst2 | 50.0 | 50.0 | 75.0 ± 7.1 | +25.0 | 2 | 3 |" in text
     assert "| Falcon3-7B | 8 of 8 | 67.6 | 79.6 | +12.0 | paper |" in text
     assert "| no PID | 60.0 ± 7.1 | 62.0 ± 2.8 | 61.0 ± 4.9 | 76.9 |" in text
+    # Label attention: correct = acc summed over the 2 layers, wrong = 0.5; mean over seeds.
+    assert "| sst2 | vanilla ICL | 50.0 | 0.500 | 0.500 | 0.500 |" in text
+    assert "| sst2 | full ABFT | 75.0 ± 7.1 | 0.750 | 0.500 | 0.600 |" in text
+    assert "| mr | no PID | 62.0 ± 2.8 | 0.620 | 0.500 | 0.554 |" in text
     assert (Path(out) / "table.md").read_text() == text
     # --table-only computes nothing.
     run4 = FakeRunner()
