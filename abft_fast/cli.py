@@ -9,7 +9,7 @@ import time
 from dataclasses import asdict
 
 # The demo fits in 10 minutes on 2 CPU cores with SmolLM2-135M (see docs/abft.md for the timing).
-DEMO = dict(train_prompts=256, steps=16, batch=16, micro_batch=4, lr=2e-5, eval_queries=100)
+DEMO = dict(train_prompts=512, steps=32, batch=8, micro_batch=4, lr=2e-5, eval_queries=100)
 
 
 def load_model(name, dtype="float32"):
