@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One call on a CUDA machine: GPU correctness of every kernel path, then the quick benchmark.
+#
+#   OUT=DIR bash scripts/gpu_check.sh
+#
+# Uses the machine's own python3 (torch, triton, transformers already there) with the checkout on
+# PYTHONPATH; installs nothing. Stages, each under its own time limit (seconds, env):
+#   1. versions and the GPU (DIR/env.txt);
+#   2. the CUDA C++ extension is built in the background (DIR/cuda_build.log, T_BUILD);
+#   3. Triton compiled on the GPU: tests/test_triton_backend.py, test_dispatch.py, test_hf.py,
+#      test_fuzz.py, test_validation.py (DIR/test_triton.log, T_TRITON);
+#   4. the CUDA C++ backend: pytest -m gpu tests/test_cuda_backend.py (DIR/test_cuda.log, T_CUDA);
+#   5. ABFT_BENCH_SIZES=quick bash bench/run.sh into DIR/bench (T_BENCH), packed as DIR/bench.tgz.
+# The last lines printed are the pytest summaries and the benchmark table.
+set -u
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export ABFT_FAST_CUDA_BUILD_DIR=${ABFT_FAST_CUDA_BUILD_DIR:-/tmp/abft_fast_cuda_ext} MAX_JOBS=${MAX_JOBS:-16}
+T_BUILD=${T_BUILD:-180} T_TRITON=${T_TRITON:-150} T_CUDA=${T_CUDA:-90} T_BENCH=${T_BENCH:-180}
+# shorter timing budgets than bench/run.sh's defaults, so that the quick grid fits one call
+export ABFT_BENCH_SECONDS=${ABFT_BENCH_SECONDS:-0.5} ABFT_BENCH_E2E_SECONDS=${ABFT_BENCH_E2E_SECONDS:-2}
+t0=$SECONDS
+stamp() { echo "[gpu_check +$((SECONDS - t0))s] $*"; }
+
+stamp "1. environment"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  "$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+'triton', triton.__version__, 'transformers', transformers.__version__);
+p = torch.cuda.get_device_properties(0); print(p.name, p.multi_processor_count, 'SMs')"
+  command -v nvcc && nvcc --version | tail -1
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+stamp "2. CUDA extension build (background)"
+(
+  s=$SECONDS
+  timeout "$T_BUILD" "$PY" -c "from abft_fast.cuda_backend import load_extension; load_extension()"
+  echo "build exit $? after $((SECONDS - s)) s"
+) >"$OUT/cuda_build.log" 2>&1 &
+build_pid=$!
+
+stamp "3. Triton on the GPU"
+timeout "$T_TRITON" "$PY" -m pytest -q -p no:cacheprovider -rfEs tests/test_triton_backend.py \
+  tests/test_dispatch.py tests/test_hf.py tests/test_fuzz.py tests/test_validation.py \
+  >"$OUT/test_triton.log" 2>&1
+echo "pytest exit $?" >>"$OUT/test_triton.log"
+
+stamp "4. CUDA C++ backend (waiting for the build)"
+wait "$build_pid"
+cat "$OUT/cuda_build.log" | tail -5
+timeout "$T_CUDA" "$PY" -m pytest -q -p no:cacheprovider -rfEs -m gpu tests/test_cuda_backend.py \
+  >"$OUT/test_cuda.log" 2>&1
+echo "pytest exit $?" >>"$OUT/test_cuda.log"
+
+stamp "5. quick benchmark"
+ABFT_BENCH_SIZES=quick ABFT_BENCH_RESULTS="$OUT/bench" PYTHON="$PY" \
+  timeout "$T_BENCH" bash bench/run.sh >"$OUT/bench.log" 2>&1
+echo "bench exit $?" >>"$OUT/bench.log"
+tar -czf "$OUT/bench.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"
+
+stamp "done"
+for f in test_triton test_cuda; do echo "== $f"; grep -E "^(FAILED|ERROR)|passed|failed|exit" \
+  "$OUT/$f.log" | tail -25; done
+echo "== bench"; grep -E "passed|failed|error|exit" "$OUT/bench.log" | tail -5
+tar -xzOf "$OUT/bench.tgz" bench/summary.md 2>/dev/null | head -60
