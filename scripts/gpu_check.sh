@@ -3,8 +3,10 @@
 #
 #   OUT=DIR bash scripts/gpu_check.sh
 #
-# Uses the machine's own python3 (torch, triton, transformers already there) with the checkout on
-# PYTHONPATH; installs nothing. Stages, each under its own time limit (seconds, env):
+# Uses the machine's own python3 (torch, triton, transformers already there); installs the checkout
+# into it with `pip install --no-deps --no-index -e .` (abft_fast.kernels is mapped from kernels/ by
+# setup.py, so PYTHONPATH alone is not enough) and nothing else.
+# Stages, each under its own time limit (seconds, env):
 #   1. versions and the GPU (DIR/env.txt);
 #   2. the CUDA C++ extension is built in the background (DIR/cuda_build.log, T_BUILD);
 #   3. Triton compiled on the GPU: tests/test_triton_backend.py, test_dispatch.py, test_hf.py,
@@ -16,7 +18,7 @@ set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
 export ABFT_FAST_CUDA_BUILD_DIR=${ABFT_FAST_CUDA_BUILD_DIR:-/tmp/abft_fast_cuda_ext} MAX_JOBS=${MAX_JOBS:-16}
 T_BUILD=${T_BUILD:-180} T_TRITON=${T_TRITON:-150} T_CUDA=${T_CUDA:-90} T_BENCH=${T_BENCH:-180}
 # shorter timing budgets than bench/run.sh's defaults, so that the quick grid fits one call
@@ -31,6 +33,7 @@ stamp "1. environment"
 'triton', triton.__version__, 'transformers', transformers.__version__);
 p = torch.cuda.get_device_properties(0); print(p.name, p.multi_processor_count, 'SMs')"
   command -v nvcc && nvcc --version | tail -1
+  "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . && echo "abft_fast installed (editable)"
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
