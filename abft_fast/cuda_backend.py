@@ -97,7 +97,7 @@ def _jit_build():
     build = build_directory()
     build.mkdir(parents=True, exist_ok=True)
     _log.warning("abft_fast: compiling the CUDA attention extension with ninja into %s "
-                 "(first use only; this takes a few minutes)", build)
+                 "(first use only; about 30 s on 16 cores, longer on fewer)", build)
     return load(
         name=EXTENSION_NAME,
         sources=[str(src / n) for n in JIT_SOURCES],
