@@ -4,6 +4,7 @@ The numbers below are invented to exercise the scripts; they are never written t
 """
 from __future__ import annotations
 
+import csv
 import importlib.util
 from pathlib import Path
 
@@ -195,3 +196,37 @@ def test_e2e_oom_skips_longer_sequences(monkeypatch):
     with pytest.raises(pytest.skip.Exception, match="at L=32 already"):
         TE.test_abft_step(("eager", BL.E2EShape("tiny", "fp32", 1, 64)), _Bench(), rec)
     assert len(rec.rows) == 1
+
+
+def test_tune_tiles_smoke(tmp_path, monkeypatch):
+    """bench/tune_tiles.py --smoke: every pass has its default and its candidates; a candidate whose
+    outputs are off is listed as wrong and not timed, one that fails is listed as rejected."""
+    tune = _load("tune_tiles")
+    K = tune.K
+    real_fwd, real_bwd = K.attention_fwd, K.attention_bwd
+
+    def fwd(*a, **kw):
+        out, lse = real_fwd(*a, **kw)
+        if K._tile_override.get("fwd") == (16, 32, 4, 1):
+            out = out * 1.01  # a wrong kernel configuration
+        return out, lse
+
+    def bwd(*a, **kw):
+        if K._tile_override.get("dq") == (32, 16, 4, 1):
+            raise RuntimeError("out of resources (made up)")
+        return real_bwd(*a, **kw)
+    monkeypatch.setattr(K, "attention_fwd", fwd)
+    monkeypatch.setattr(K, "attention_bwd", bwd)
+    out = tmp_path / "tiles.csv"
+    tune.main(["--smoke", "--out", str(out)])
+    rows = list(csv.DictReader(open(out)))
+    by = {(r["pass"], int(r["BLOCK_M"]), int(r["BLOCK_N"]), r["default"]): r for r in rows}
+    assert len(rows) == 9 and {r["pass"] for r in rows} == set(K.TILE_KINDS)
+    for kind in K.TILE_KINDS:
+        d = by[(kind, 16, 16, "1")]
+        assert d["status"] == "ok" and float(d["vs_default"]) == 1.0
+        assert float(d["rel_err"]) < 1e-5  # float32 kernels against the float32 reference
+    assert by[("fwd", 16, 32, "0")]["status"] == "wrong" and by[("fwd", 16, 32, "0")]["ms"] == ""
+    assert by[("fwd", 32, 16, "0")]["status"] == "ok" and float(by[("fwd", 32, 16, "0")]["ms"]) > 0
+    assert by[("dq", 32, 16, "0")]["status"] == "rejected: RuntimeError"
+    assert by[("dkdv", 32, 16, "0")]["status"] == "ok"

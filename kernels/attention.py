@@ -22,6 +22,7 @@ float32 inputs use IEEE float32 dots (no TF32), so results match PyTorch's float
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -304,8 +305,43 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM,
 # launchers
 
 
+TILE_KINDS = ("fwd", "dkdv", "dq")
+_tile_override: dict = {}
+
+
+@contextlib.contextmanager
+def tiles(**cfg):
+    """Force tile configurations inside the ``with`` block, for tuning and tests:
+    ``tiles(fwd=(128, 64, 8, 3), dkdv=(32, 128, 4, 3), dq=(128, 32, 4, 3))``; each value is
+    (BLOCK_M, BLOCK_N, num_warps, num_stages), blocks powers of two >= 16. Kinds not named keep
+    their defaults. Not thread-safe: one override for the whole process."""
+    for kind, c in cfg.items():
+        if kind not in TILE_KINDS:
+            raise ValueError(f"tiles: unknown kind {kind!r}; expected one of {TILE_KINDS}")
+        if not (isinstance(c, tuple) and len(c) == 4 and all(isinstance(x, int) for x in c)):
+            raise ValueError(f"tiles: {kind} must be a tuple of 4 ints (BLOCK_M, BLOCK_N, "
+                             f"num_warps, num_stages), got {c!r}")
+        for name, x in zip(("BLOCK_M", "BLOCK_N"), c[:2]):
+            if x < 16 or x & (x - 1):
+                raise ValueError(f"tiles: {kind} {name} must be a power of two >= 16, got {x}")
+        if c[2] not in (1, 2, 4, 8, 16):
+            raise ValueError(f"tiles: {kind} num_warps must be 1, 2, 4, 8 or 16, got {c[2]}")
+        if c[3] < 1:
+            raise ValueError(f"tiles: {kind} num_stages must be >= 1, got {c[3]}")
+    saved = dict(_tile_override)
+    _tile_override.update(cfg)
+    try:
+        yield
+    finally:
+        _tile_override.clear()
+        _tile_override.update(saved)
+
+
 def _cfg(d_pad: int, device: torch.device, kind: str, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) by head dim, pass, dtype and GPU generation."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) by head dim, pass, dtype and GPU generation,
+    unless ``tiles`` overrides it."""
+    if kind in _tile_override:
+        return _tile_override[kind]
     if _interpreting() or device.type != "cuda":
         return 16, 16, 4, 1
     return _cfg_for(d_pad, torch.cuda.get_device_capability(device)[0], kind,
@@ -435,4 +471,4 @@ def attention_bwd(q, k, v, out, lse, dout, key_padding_mask=None, *, causal=True
     return dq, dk, dv
 
 
-__all__ = ["attention_fwd", "attention_bwd", "probe_fwd"]
+__all__ = ["attention_fwd", "attention_bwd", "probe_fwd", "tiles", "TILE_KINDS"]

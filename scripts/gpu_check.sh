@@ -17,7 +17,10 @@
 #   3. Triton compiled on the GPU: tests/test_triton_backend.py, test_dispatch.py, test_hf.py,
 #      test_fuzz.py, test_validation.py (DIR/test_triton.log, T_TRITON);
 #   4. the CUDA C++ backend: pytest -m gpu tests/test_cuda_backend.py (DIR/test_cuda.log, T_CUDA);
-#   5. ABFT_BENCH_SIZES=quick bash bench/run.sh into DIR/bench (T_BENCH), packed as DIR/bench.tgz.
+#   5. bench/tune_tiles.py: Triton tile configurations at the quick shape (DIR/tiles.csv and
+#      DIR/tiles.log, T_TUNE);
+#   6. ABFT_BENCH_SIZES=quick bash bench/run.sh into DIR/bench (T_BENCH), packed as DIR/bench.tgz.
+# SKIP="cuda tune" (any of triton, cuda, tune, bench) leaves stages out; 8 files at most come back.
 # The last lines printed are the pytest summaries and the benchmark table.
 set -u
 OUT=${OUT:-gpu_out}
@@ -25,7 +28,8 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 export ABFT_FAST_CUDA_BUILD_DIR=${ABFT_FAST_CUDA_BUILD_DIR:-/tmp/abft_fast_cuda_ext} MAX_JOBS=${MAX_JOBS:-16}
-T_BUILD=${T_BUILD:-180} T_TRITON=${T_TRITON:-240} T_CUDA=${T_CUDA:-120} T_BENCH=${T_BENCH:-180}
+T_BUILD=${T_BUILD:-180} T_TRITON=${T_TRITON:-240} T_CUDA=${T_CUDA:-120} T_TUNE=${T_TUNE:-150}
+T_BENCH=${T_BENCH:-180}
 # shorter timing budgets than bench/run.sh's defaults, so that the quick grid fits one call
 export ABFT_BENCH_SECONDS=${ABFT_BENCH_SECONDS:-0.5} ABFT_BENCH_E2E_SECONDS=${ABFT_BENCH_E2E_SECONDS:-2}
 PAR=()
@@ -49,39 +53,60 @@ p = torch.cuda.get_device_properties(0); print(p.name, p.multi_processor_count, 
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-stamp "2. CUDA extension build (background)"
-(
-  s=$SECONDS
-  timeout "$T_BUILD" "$PY" -c "from abft_fast.cuda_backend import load_extension; load_extension()"
-  echo "build exit $? after $((SECONDS - s)) s"
-) >"$OUT/cuda_build.log" 2>&1 &
-build_pid=$!
+want() { [[ " ${SKIP:-} " != *" $1 "* ]]; }  # SKIP="cuda bench" leaves those stages out
 
-stamp "3. Triton on the GPU"
-timeout "$T_TRITON" "$PY" -m pytest -v -p no:cacheprovider -rfEs "${PAR[@]}" tests/test_triton_backend.py \
-  tests/test_dispatch.py tests/test_hf.py tests/test_fuzz.py tests/test_validation.py \
-  >"$OUT/test_triton.log" 2>&1
-echo "pytest exit $?" >>"$OUT/test_triton.log"
+build_pid=
+if want cuda; then
+  stamp "2. CUDA extension build (background)"
+  (
+    s=$SECONDS
+    timeout "$T_BUILD" "$PY" -c "from abft_fast.cuda_backend import load_extension; load_extension()"
+    echo "build exit $? after $((SECONDS - s)) s"
+  ) >"$OUT/cuda_build.log" 2>&1 &
+  build_pid=$!
+fi
 
-stamp "4. CUDA C++ backend (waiting for the build)"
-wait "$build_pid"
-cat "$OUT/cuda_build.log" | tail -5
-timeout "$T_CUDA" "$PY" -m pytest -v -p no:cacheprovider -rfEs "${PAR[@]}" -m gpu tests/test_cuda_backend.py \
-  >"$OUT/test_cuda.log" 2>&1
-echo "pytest exit $?" >>"$OUT/test_cuda.log"
+if want triton; then
+  stamp "3. Triton on the GPU"
+  timeout "$T_TRITON" "$PY" -m pytest -v -p no:cacheprovider -rfEs "${PAR[@]}" \
+    tests/test_triton_backend.py tests/test_dispatch.py tests/test_hf.py tests/test_fuzz.py \
+    tests/test_validation.py >"$OUT/test_triton.log" 2>&1
+  echo "pytest exit $?" >>"$OUT/test_triton.log"
+fi
 
-stamp "5. quick benchmark"
-ABFT_BENCH_SIZES=quick ABFT_BENCH_RESULTS="$OUT/bench" PYTHON="$PY" \
-  timeout "$T_BENCH" bash bench/run.sh >"$OUT/bench.log" 2>&1
-echo "bench exit $?" >>"$OUT/bench.log"
-tar -czf "$OUT/bench.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"
+if want cuda; then
+  stamp "4. CUDA C++ backend (waiting for the build)"
+  wait "$build_pid"
+  tail -5 "$OUT/cuda_build.log"
+  timeout "$T_CUDA" "$PY" -m pytest -v -p no:cacheprovider -rfEs "${PAR[@]}" -m gpu \
+    tests/test_cuda_backend.py >"$OUT/test_cuda.log" 2>&1
+  echo "pytest exit $?" >>"$OUT/test_cuda.log"
+fi
+
+if want tune; then
+  stamp "5. Triton tile configurations (bench/tune_tiles.py)"
+  timeout "$T_TUNE" "$PY" bench/tune_tiles.py --out "$OUT/tiles.csv" >"$OUT/tiles.log" 2>&1
+  echo "tune exit $?" >>"$OUT/tiles.log"
+fi
+
+if want bench; then
+  stamp "6. quick benchmark"
+  ABFT_BENCH_SIZES=quick ABFT_BENCH_RESULTS="$OUT/bench" PYTHON="$PY" \
+    timeout "$T_BENCH" bash bench/run.sh >"$OUT/bench.log" 2>&1
+  echo "bench exit $?" >>"$OUT/bench.log"
+  tar -czf "$OUT/bench.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"
+fi
 
 stamp "done"
 # per-test lines (-v) survive a time-out, when pytest prints no summary
 for f in test_triton test_cuda; do
+  [ -f "$OUT/$f.log" ] || continue
   echo "== $f: $(grep -c " PASSED" "$OUT/$f.log") passed, $(grep -c " FAILED" "$OUT/$f.log") failed," \
        "$(grep -c " SKIPPED" "$OUT/$f.log") skipped, $(grep -c " ERROR" "$OUT/$f.log") errors"
   grep -E "^(FAILED|ERROR)|(passed|failed).* in |exit" "$OUT/$f.log" | tail -25
 done
-echo "== bench"; grep -E "passed|failed|error|exit" "$OUT/bench.log" | tail -5
-tar -xzOf "$OUT/bench.tgz" bench/summary.md 2>/dev/null | head -60
+if [ -f "$OUT/tiles.log" ]; then echo "== tiles"; tail -20 "$OUT/tiles.log"; fi
+if [ -f "$OUT/bench.log" ]; then
+  echo "== bench"; grep -E "passed|failed|error|exit" "$OUT/bench.log" | tail -5
+  tar -xzOf "$OUT/bench.tgz" bench/summary.md 2>/dev/null | head -60
+fi

@@ -8,6 +8,7 @@ import torch
 
 import abft_fast
 from abft_fast import triton_backend
+from abft_fast.kernels import attention as K
 from abft_fast.reference import attention_reference
 from cases import Case, attention_fn, check_rel, check_rule, make_inputs, reference, rel_err, run
 from test_torch_backend import CASES
@@ -63,6 +64,56 @@ def test_triton_half_rule(case, dtype):
     tor = run(attention_fn("torch"), case, inp, dtype)
     got = {n: t.cpu() for n, t in run(attention_fn("triton"), case, _on(inp, DEV), dtype).items()}
     check_rule(got, tor, ref, floor=1e-3)
+
+
+# GPU-sized and lopsided tiles (BLOCK_M != BLOCK_N both ways), so that the block-boundary logic
+# (causal offset when Lq < Lk, window band, key skipping) is checked in the interpreter too, where
+# the default is 16 x 16; bench/tune_tiles.py times such configurations on a GPU.
+TILE_SETS = [
+    dict(fwd=(32, 64, 4, 2), dkdv=(64, 32, 4, 2), dq=(32, 64, 4, 2)),
+    dict(fwd=(64, 16, 4, 2), dkdv=(16, 64, 4, 2), dq=(64, 16, 4, 2)),
+    dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 4, 3), dq=(128, 32, 4, 3)),
+]
+TILE_CASES = [
+    Case(2, 4, 2, 45, 77, 32, padding="left"),
+    Case(1, 4, 1, 70, 70, 16, window=9, padding="right"),
+    Case(2, 2, 2, 33, 33, 64, causal=False, padding="random", c=None),
+]
+
+
+@pytest.mark.parametrize("case", TILE_CASES, ids=str)
+@pytest.mark.parametrize("tiles", TILE_SETS, ids=lambda t: "-".join(f"{b[0]}x{b[1]}"
+                                                                     for b in t.values()))
+def test_triton_tile_configs_match_reference(case, tiles, monkeypatch):
+    inp = make_inputs(case, _fresh())
+    ref = reference(case, inp)
+    _poisoned_empty(monkeypatch)
+    with K.tiles(**tiles):
+        got = run(attention_fn("triton"), case, _on(inp, DEV), torch.float32)
+    monkeypatch.undo()
+    check_rel({n: t.cpu() for n, t in got.items()}, ref, 2e-4)
+
+
+def test_tiles_override_is_scoped_and_checked():
+    dev = torch.device("cpu")
+    default = K._cfg(64, dev, "dq", torch.float16)
+    with K.tiles(dq=(32, 128, 4, 3)):
+        assert K._cfg(64, dev, "dq", torch.float16) == (32, 128, 4, 3)
+        assert K._cfg(64, dev, "fwd", torch.float16) == K._cfg(64, dev, "fwd", torch.float16)
+        with K.tiles(dq=(64, 64, 8, 2)):
+            assert K._cfg(64, dev, "dq", torch.float16) == (64, 64, 8, 2)
+        assert K._cfg(64, dev, "dq", torch.float16) == (32, 128, 4, 3)
+    assert K._cfg(64, dev, "dq", torch.float16) == default
+    for bad, msg in [(dict(bwd=(16, 16, 4, 1)), "unknown kind"),
+                     (dict(fwd=(16, 16, 4)), "tuple of 4 ints"),
+                     (dict(fwd=(48, 16, 4, 1)), "BLOCK_M must be a power of two"),
+                     (dict(dkdv=(16, 8, 4, 1)), "BLOCK_N must be a power of two"),
+                     (dict(dq=(16, 16, 3, 1)), "num_warps"),
+                     (dict(dq=(16, 16, 4, 0)), "num_stages")]:
+        with pytest.raises(ValueError, match=msg):
+            with K.tiles(**bad):
+                pass
+    assert K._cfg(64, dev, "dq", torch.float16) == default
 
 
 @pytest.mark.parametrize("case", [Case(2, 4, 2, 29, 29, 32, padding="left", window=6),
