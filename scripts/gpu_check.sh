@@ -28,8 +28,9 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 export ABFT_FAST_CUDA_BUILD_DIR=${ABFT_FAST_CUDA_BUILD_DIR:-/tmp/abft_fast_cuda_ext} MAX_JOBS=${MAX_JOBS:-16}
-T_BUILD=${T_BUILD:-180} T_TRITON=${T_TRITON:-240} T_CUDA=${T_CUDA:-120} T_TUNE=${T_TUNE:-150}
-T_BENCH=${T_BENCH:-180}
+# defaults sum to about 9 minutes, under one device call's 10 (the build overlaps stage 3)
+T_BUILD=${T_BUILD:-180} T_TRITON=${T_TRITON:-200} T_CUDA=${T_CUDA:-90} T_TUNE=${T_TUNE:-120}
+T_BENCH=${T_BENCH:-120}
 # shorter timing budgets than bench/run.sh's defaults, so that the quick grid fits one call
 export ABFT_BENCH_SECONDS=${ABFT_BENCH_SECONDS:-0.5} ABFT_BENCH_E2E_SECONDS=${ABFT_BENCH_E2E_SECONDS:-2}
 PAR=()
