@@ -8,7 +8,7 @@ dq) the default configuration and every candidate of CANDIDATES run with the oth
 their defaults (``abft_fast.kernels.attention.tiles``). A fwd candidate is timed on
 ``attention_fwd``; a dkdv or dq candidate on the whole ``attention_bwd`` (delta + dkdv + dq), so
 its gain shows against the default's backward time. Before it is timed, every candidate's outputs
-(out and lse, or dq, dk and dv) are checked against a float32 SDPA reference: error <= 2x the
+(out and lse, or dq, dk and dv) are checked against the float32 reference (``abft_fast.reference``): error <= 2x the
 default configuration's error + 1e-4, else it is listed as wrong. A candidate the compiler rejects
 (shared memory, registers) is listed with the error's name. Times are medians of
 ``triton.testing.do_bench``.
@@ -32,10 +32,9 @@ import torch
 if not torch.cuda.is_available():  # before any kernel is defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import torch.nn.functional as F  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from abft_fast.kernels import attention as K  # noqa: E402
+from abft_fast.reference import attention_reference  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -61,14 +60,9 @@ def rel_err(x, ref):
 
 
 def reference(q, k, v, dout):
-    """float32 SDPA (causal, GQA): out, lse and the gradients."""
+    """abft_fast.reference in float32 (causal, GQA): out, lse and the gradients."""
     qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
-    g = q.shape[1] // k.shape[1]
-    ke, ve = kf.repeat_interleave(g, 1), vf.repeat_interleave(g, 1)
-    s = (qf @ ke.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    out = F.scaled_dot_product_attention(qf, ke, ve, is_causal=True)
+    out, lse, _ = attention_reference(qf, kf, vf, causal=True)
     dq, dk, dv = torch.autograd.grad(out, (qf, kf, vf), dout.float())
     return dict(out=out.detach(), lse=lse.detach(), dq=dq, dk=dk, dv=dv)
 
@@ -127,8 +121,7 @@ def main(argv=None):
             names = ("dq", "dk", "dv")
         base_ms = base_err = None
         for cfg in [None] + cands[kind]:
-            row = dict(zip(FIELDS[1:5], cfg or K._cfg(max(16, 1 << (a.d - 1).bit_length()), dev,
-                                                        kind, dtype)))
+            row = dict(zip(FIELDS[1:5], cfg or K._cfg(K.padded_head_dim(a.d), dev, kind, dtype)))
             row.update({"pass": kind, "default": int(cfg is None), "device": device_name,
                         "dtype": a.dtype, "B": a.B, "Hq": a.hq, "Hkv": a.hkv, "L": a.L, "D": a.d})
             try:

@@ -378,10 +378,15 @@ def _prep(q, k, v, kpm):
     return q, k, v, kpm
 
 
+def padded_head_dim(d: int) -> int:
+    """The head dim padded for the dots: the next power of two, at least 16."""
+    return max(16, triton.next_power_of_2(d))
+
+
 def _common(q, k, kpm, causal, window):
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d = padded_head_dim(d)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     flags = dict(CAUSAL=bool(causal), WINDOW=int(window or 0), HAS_KPM=kpm is not None)
     upcast = _interpreting() and q.dtype == torch.bfloat16

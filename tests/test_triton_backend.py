@@ -96,10 +96,10 @@ def test_triton_tile_configs_match_reference(case, tiles, monkeypatch):
 
 def test_tiles_override_is_scoped_and_checked():
     dev = torch.device("cpu")
-    default = K._cfg(64, dev, "dq", torch.float16)
+    default, default_fwd = (K._cfg(64, dev, kind, torch.float16) for kind in ("dq", "fwd"))
     with K.tiles(dq=(32, 128, 4, 3)):
         assert K._cfg(64, dev, "dq", torch.float16) == (32, 128, 4, 3)
-        assert K._cfg(64, dev, "fwd", torch.float16) == K._cfg(64, dev, "fwd", torch.float16)
+        assert K._cfg(64, dev, "fwd", torch.float16) == default_fwd
         with K.tiles(dq=(64, 64, 8, 2)):
             assert K._cfg(64, dev, "dq", torch.float16) == (64, 64, 8, 2)
         assert K._cfg(64, dev, "dq", torch.float16) == (32, 128, 4, 3)
