@@ -8,8 +8,13 @@ Set ``ABFT_FAST_BUILD_CUDA=1`` to compile the CUDA extension at install time (ne
 torch); otherwise it is JIT-compiled with ninja on first use of backend="cuda".
 """
 import os
+import re
 
 from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(HERE, "abft_fast", "_version.py")) as f:
+    VERSION = re.search(r'__version__ = "([^"]+)"', f.read()).group(1)  # the single source
 
 ext_modules, cmdclass = [], {}
 if os.environ.get("ABFT_FAST_BUILD_CUDA", "0") == "1":
@@ -26,12 +31,14 @@ if os.environ.get("ABFT_FAST_BUILD_CUDA", "0") == "1":
 
 setup(
     name="abft-fast",
-    version="0.1.0",
+    version=VERSION,
     description="Fused attention with probe probabilities for Attention Behavior Fine-Tuning (ABFT)",
     long_description=open("README.md").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["abft_fast", "abft_fast.kernels", "abft_fast.csrc"],
+    license="Apache-2.0",
+    packages=["abft_fast", "abft_fast.ops", "abft_fast.hf", "abft_fast.abft", "abft_fast.kernels",
+              "abft_fast.csrc"],
     package_dir={"abft_fast": "abft_fast", "abft_fast.kernels": "kernels", "abft_fast.csrc": "csrc"},
     package_data={"abft_fast.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"]},
     install_requires=[
@@ -45,10 +52,10 @@ setup(
         "ninja",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "import-linter"],
         "abft": ["staicc", "gguf", "peft", "matplotlib"],
     },
-    entry_points={"console_scripts": ["abft-fast=abft_fast.cli:main"]},
+    entry_points={"console_scripts": ["abft-fast=abft_fast.abft.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -7,16 +7,10 @@ turns it off. The CPU smoke (``--benchmark-disable``) therefore never touches th
 """
 import os
 
+import bench_record
+import benchlib
+import pytest
 import torch
-
-# Triton kernels run in the interpreter without a GPU; it must be on before they are defined.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-import bench_record  # noqa: E402
-import benchlib  # noqa: E402
 
 
 def pytest_addoption(parser):

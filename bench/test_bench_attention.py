@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import functools
 
+import benchlib as BL
 import pytest
 import torch
 import torch.nn.functional as F
-
-import benchlib as BL
 
 _unavailable: dict = {}  # method -> reason (probed once per session)
 
@@ -52,7 +51,7 @@ def _method_unavailable(method, dev):
     return why
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _flex(compiled):
     from torch.nn.attention import flex_attention as fa
     fn = fa.flex_attention
@@ -149,9 +148,11 @@ class OpCase:
                 out, lse = flex(q, k, v, block_mask=bm, scale=self.scale, enable_gqa=gqa,
                                 return_lse=True)
             if self.probes:
-                from abft_fast.probe_math import probe_probs_from_lse
-                probs = probe_probs_from_lse(q, k, lse, rows, cols, causal=True, window=None,
-                                             kpm=None, scale=self.scale)
+                from abft_fast.ops.probe_math import probe_probs_from_lse
+                from abft_fast.ops.spec import make_spec
+                spec = make_spec(q, k, v, causal=True, scale=self.scale, key_padding_mask=None,
+                                 window=None, probe_rows=rows, probe_cols=cols)
+                probs = probe_probs_from_lse(q, k, lse, spec)
         elif m == "eager":
             grp = q.shape[1] // k.shape[1]
             kk = k.repeat_interleave(grp, 1) if grp > 1 else k
@@ -247,7 +248,7 @@ class OpCase:
 
     def _check_reference(self):
         """Smoke sizes only: out, probes and gradients against the float64 reference."""
-        from abft_fast.reference import attention_reference
+        from abft_fast.ops.reference import attention_reference
         tol = 1e-2 if self.dev.type == "cuda" else 1e-4  # TF32 dots on GPU; exact on CPU
         q, k, v = (t.detach().double().requires_grad_() for t in (self.q, self.k, self.v))
         rows, cols = (self.rows, self.cols) if self.probes else (None, None)

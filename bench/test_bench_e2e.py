@@ -8,7 +8,7 @@ positions, all heads counted), backward, Adam step on W_Q / W_K only. Methods:
   eager  attn_implementation "eager" with output_attentions=True (the paper's way): the full
       L x L probabilities of every layer, probes gathered from them.
   sdpa_recompute  HF's SDPA attention for the output, plus the probe rows recomputed on the side
-      from the layer's q / k (abft_fast.torch_backend.probe_probs).
+      from the layer's q / k (abft_fast.ops.torch_backend.probe_probs).
 Reports tokens/s and peak memory (max_memory_allocated over the timed steps, weights included).
 An out-of-memory L is recorded as status "oom" and the method's longer L are skipped, so the
 longest L that fits is the last "ok" row.
@@ -18,10 +18,9 @@ from __future__ import annotations
 import contextlib
 import time
 
+import benchlib as BL
 import pytest
 import torch
-
-import benchlib as BL
 
 SDPA_PROBE = "abft_bench_sdpa_probe"
 _state = {"key": None, "model": None}  # the model of the current (name, dtype), reused across L
@@ -36,7 +35,7 @@ class _Stop(Exception):
 def _hf():
     try:
         import abft_fast.hf as ah
-        from abft_fast.loss import abft_loss
+        from abft_fast.abft.loss import abft_loss
         return ah, abft_loss
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"abft_fast.hf / abft_fast.loss not importable yet: {type(e).__name__}: {e}")
@@ -47,14 +46,17 @@ def _register_sdpa_probe():
     from transformers.masking_utils import AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
 
-    from abft_fast.torch_backend import probe_probs
+    from abft_fast.ops.spec import make_spec
+    from abft_fast.ops.torch_backend import probe_probs
 
     def attention(module, query, key, value, attention_mask, scaling=None, **kw):
         out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                      **kw)
         if _capture:
             rows, cols, sink = _capture[-1]
-            sink.append(probe_probs(query, key, True, scaling, None, None, rows, cols))
+            spec = make_spec(query, key, value, causal=True, scale=scaling, key_padding_mask=None,
+                             window=None, probe_rows=rows, probe_cols=cols)
+            sink.append(probe_probs(query, key, spec))
         return out
 
     AttentionInterface.register(SDPA_PROBE, attention)
@@ -229,7 +231,8 @@ def test_abft_step(e2e_case, benchmark, recorder):
                 p.grad = None
     if oom:
         _first_oom[(s.model, method)] = s.L
-        opt = qk = before = other = step = fwd = None
+        opt = step = fwd = None  # noqa: F841  (drop the references before freeing memory)
+        qk = before = other = None  # noqa: F841
         BL.free_memory()
         recorder.add("e2e", **{**row, "status": "oom"})
         pytest.skip(f"out of memory: {method} {s.id}")

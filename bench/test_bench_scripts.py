@@ -8,10 +8,9 @@ import csv
 import importlib.util
 from pathlib import Path
 
-import pytest
-
 import bench_record as R
 import benchlib as BL
+import pytest
 
 HERE = Path(__file__).resolve().parent
 
@@ -163,9 +162,8 @@ class _Rec:
 
 
 def test_attention_oom_is_recorded(monkeypatch):
-    import torch
-
     import test_bench_attention as TA
+    import torch
 
     def oom(self):
         raise torch.OutOfMemoryError("CUDA out of memory (made up)")
@@ -179,9 +177,8 @@ def test_attention_oom_is_recorded(monkeypatch):
 
 
 def test_e2e_oom_skips_longer_sequences(monkeypatch):
-    import torch
-
     import test_bench_e2e as TE
+    import torch
 
     def probe_forward(method, model):
         def fn(ids, rows, cols):

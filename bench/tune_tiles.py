@@ -8,10 +8,10 @@ dq) the default configuration and every candidate of CANDIDATES run with the oth
 their defaults (``abft_fast.kernels.attention.tiles``). A fwd candidate is timed on
 ``attention_fwd``; a dkdv or dq candidate on the whole ``attention_bwd`` (delta + dkdv + dq), so
 its gain shows against the default's backward time. Before it is timed, every candidate's outputs
-(out and lse, or dq, dk and dv) are checked against the float32 reference (``abft_fast.reference``): error <= 2x the
-default configuration's error + 1e-4, else it is listed as wrong. A candidate the compiler rejects
-(shared memory, registers) is listed with the error's name. Times are medians of
-``triton.testing.do_bench``.
+(out and lse, or dq, dk and dv) are checked against the float32 reference
+(``abft_fast.ops.reference``): error <= 2x the default configuration's error + 1e-4, else it is
+listed as wrong. A candidate the compiler rejects (shared memory, registers) is listed with the
+error's name. Times are medians of ``triton.testing.do_bench``.
 
 --smoke runs a tiny float32 shape with two candidates per pass and a single wall-clock call per
 timing, in Triton's interpreter on a CPU (the CI check of this script); its times mean nothing.
@@ -34,7 +34,7 @@ if not torch.cuda.is_available():  # before any kernel is defined
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from abft_fast.kernels import attention as K  # noqa: E402
-from abft_fast.reference import attention_reference  # noqa: E402
+from abft_fast.ops.reference import attention_reference  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -23,6 +23,8 @@ float32 inputs use IEEE float32 dots (no TF32), so results match PyTorch's float
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import os
 
 import torch
@@ -344,8 +346,14 @@ def _cfg(d_pad: int, device: torch.device, kind: str, dtype: torch.dtype):
         return _tile_override[kind]
     if _interpreting() or device.type != "cuda":
         return 16, 16, 4, 1
-    return _cfg_for(d_pad, torch.cuda.get_device_capability(device)[0], kind,
-                    dtype == torch.float32)
+    return _cfg_for(d_pad, _major(device.index if device.index is not None
+                                  else torch.cuda.current_device()), kind, dtype == torch.float32)
+
+
+@functools.cache
+def _major(index: int) -> int:
+    """Compute-capability major of CUDA device ``index`` (asked once per device)."""
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def _cfg_for(d_pad: int, major: int, kind: str, fp32: bool = False):
@@ -383,16 +391,37 @@ def padded_head_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _common(q, k, kpm, causal, window):
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+    """What every launcher derives from its inputs once: sizes, padded head dim, dot precision,
+    the mask constexprs and the padding-mask pointer (a dummy when there is none)."""
+    b: int
+    hq: int
+    hkv: int
+    lq: int
+    lk: int
+    d: int
+    block_d: int
+    prec: str
+    flags: dict
+    kpm: torch.Tensor
+    s_kpm: int
+    upcast: bool
+
+    @property
+    def group(self) -> int:
+        return self.hq // self.hkv
+
+
+def _launch(q, k, kpm, causal, window) -> _Launch:
     b, hq, lq, d = q.shape
-    hkv, lk = k.shape[1], k.shape[2]
-    block_d = padded_head_dim(d)
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    flags = dict(CAUSAL=bool(causal), WINDOW=int(window or 0), HAS_KPM=kpm is not None)
-    upcast = _interpreting() and q.dtype == torch.bfloat16
-    kpm_arg = kpm if kpm is not None else q  # dummy pointer, never read
-    s_kpm = kpm.stride(0) if kpm is not None else 0
-    return b, hq, hkv, lq, lk, d, block_d, prec, flags, kpm_arg, s_kpm, upcast
+    return _Launch(
+        b=b, hq=hq, hkv=k.shape[1], lq=lq, lk=k.shape[2], d=d, block_d=padded_head_dim(d),
+        prec="ieee" if q.dtype == torch.float32 else "tf32",
+        flags=dict(CAUSAL=bool(causal), WINDOW=int(window or 0), HAS_KPM=kpm is not None),
+        kpm=kpm if kpm is not None else q,  # dummy pointer, never read
+        s_kpm=kpm.stride(0) if kpm is not None else 0,
+        upcast=_interpreting() and q.dtype == torch.bfloat16)
 
 
 def attention_fwd(q, k, v, key_padding_mask=None, *, causal=True, window=None, scale=None):
@@ -400,17 +429,17 @@ def attention_fwd(q, k, v, key_padding_mask=None, *, causal=True, window=None, s
 
     key_padding_mask: [B, Lk] bool/uint8 (True = real) or None. lse is -inf on empty rows."""
     q, k, v, kpm = _prep(q, k, v, key_padding_mask)
-    b, hq, hkv, lq, lk, d, block_d, prec, flags, kpm_arg, s_kpm, upcast = _common(q, k, kpm, causal,
-                                                                         window)
-    scale = d ** -0.5 if scale is None else float(scale)
-    out = torch.empty(b, hq, lq, d, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device)
-    bm, bn, warps, stages = _cfg(block_d, q.device, "fwd", q.dtype)
-    grid = (triton.cdiv(lq, bm), b * hq)
-    _fwd_kernel[grid](q, k, v, out, lse, kpm_arg,
-                      *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], s_kpm,
-                      hq, hq // hkv, lq, lk, d, scale, **flags, BLOCK_M=bm, BLOCK_N=bn,
-                      BLOCK_D=block_d, PREC=prec, UPCAST=upcast, num_warps=warps, num_stages=stages)
+    a = _launch(q, k, kpm, causal, window)
+    scale = a.d ** -0.5 if scale is None else float(scale)
+    out = torch.empty(a.b, a.hq, a.lq, a.d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(a.b, a.hq, a.lq, dtype=torch.float32, device=q.device)
+    bm, bn, warps, stages = _cfg(a.block_d, q.device, "fwd", q.dtype)
+    grid = (triton.cdiv(a.lq, bm), a.b * a.hq)
+    _fwd_kernel[grid](q, k, v, out, lse, a.kpm,
+                      *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+                      a.s_kpm, a.hq, a.group, a.lq, a.lk, a.d, scale, **a.flags, BLOCK_M=bm,
+                      BLOCK_N=bn, BLOCK_D=a.block_d, PREC=a.prec, UPCAST=a.upcast,
+                      num_warps=warps, num_stages=stages)
     return out, lse
 
 
@@ -421,21 +450,20 @@ def probe_fwd(q, k, lse, rows, cols=None, key_padding_mask=None, *, causal=True,
     rows [B,R] int64, cols [B,C] int64 or None (all Lk keys); -1 slots, masked pairs and empty rows
     give 0. Returns [B,Hq,R,C] float32."""
     q, k, _, kpm = _prep(q, k, k, key_padding_mask)
-    b, hq, hkv, lq, lk, d, block_d, prec, flags, kpm_arg, s_kpm, upcast = _common(q, k, kpm, causal,
-                                                                         window)
-    scale = d ** -0.5 if scale is None else float(scale)
+    a = _launch(q, k, kpm, causal, window)
+    scale = a.d ** -0.5 if scale is None else float(scale)
     rows = rows.contiguous()
     r = rows.shape[1]
-    c = lk if cols is None else cols.shape[1]
-    p = torch.empty(b, hq, r, c, dtype=torch.float32, device=q.device)
+    c = a.lk if cols is None else cols.shape[1]
+    p = torch.empty(a.b, a.hq, r, c, dtype=torch.float32, device=q.device)
     if r == 0 or c == 0:
         return p
     cols_arg = rows if cols is None else cols.contiguous()
     block_c = 16 if _interpreting() else min(128, max(16, triton.next_power_of_2(c)))
-    _probe_kernel[(r, b * hq)](q, k, lse.contiguous(), rows, cols_arg, p, kpm_arg,
-                               *q.stride()[:3], *k.stride()[:3], s_kpm, hq, hq // hkv, lq, lk, d, r,
-                               c, scale, **flags, FULL_ROWS=cols is None, BLOCK_C=block_c,
-                               BLOCK_D=block_d)
+    _probe_kernel[(r, a.b * a.hq)](q, k, lse.contiguous(), rows, cols_arg, p, a.kpm,
+                                   *q.stride()[:3], *k.stride()[:3], a.s_kpm, a.hq, a.group, a.lq,
+                                   a.lk, a.d, r, c, scale, **a.flags, FULL_ROWS=cols is None,
+                                   BLOCK_C=block_c, BLOCK_D=a.block_d)
     return p
 
 
@@ -449,30 +477,29 @@ def attention_bwd(q, k, v, out, lse, dout, key_padding_mask=None, *, causal=True
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     if dout.dtype != q.dtype:
         dout = dout.to(q.dtype)
-    b, hq, hkv, lq, lk, d, block_d, prec, flags, kpm_arg, s_kpm, upcast = _common(q, k, kpm, causal,
-                                                                         window)
-    scale = d ** -0.5 if scale is None else float(scale)
+    a = _launch(q, k, kpm, causal, window)
+    scale = a.d ** -0.5 if scale is None else float(scale)
     lse = lse.contiguous()
-    delta = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device)
+    delta = torch.empty(a.b, a.hq, a.lq, dtype=torch.float32, device=q.device)
     bm_d = 16 if _interpreting() else 64
     extra = delta_extra.contiguous() if delta_extra is not None else delta
-    _delta_kernel[(triton.cdiv(lq, bm_d), b * hq)](
-        out, dout, extra, delta, *out.stride()[:3], *dout.stride()[:3], hq, lq, d,
-        HAS_EXTRA=delta_extra is not None, BLOCK_M=bm_d, BLOCK_D=block_d)
-    dq = torch.empty(b, hq, lq, d, dtype=torch.float32, device=q.device)
-    dk = torch.empty(b, hkv, lk, d, dtype=torch.float32, device=q.device)
-    dv = torch.empty(b, hkv, lk, d, dtype=torch.float32, device=q.device)
-    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], s_kpm)
-    bm, bn, warps, stages = _cfg(block_d, q.device, "dkdv", q.dtype)
-    _bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * hkv)](
-        q, k, v, dout, lse, delta, dk, dv, kpm_arg, *strides, hq, hkv, hq // hkv, lq, lk, d,
-        scale, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, PREC=prec, UPCAST=upcast, num_warps=warps,
+    _delta_kernel[(triton.cdiv(a.lq, bm_d), a.b * a.hq)](
+        out, dout, extra, delta, *out.stride()[:3], *dout.stride()[:3], a.hq, a.lq, a.d,
+        HAS_EXTRA=delta_extra is not None, BLOCK_M=bm_d, BLOCK_D=a.block_d)
+    dq = torch.empty(a.b, a.hq, a.lq, a.d, dtype=torch.float32, device=q.device)
+    dk = torch.empty(a.b, a.hkv, a.lk, a.d, dtype=torch.float32, device=q.device)
+    dv = torch.empty(a.b, a.hkv, a.lk, a.d, dtype=torch.float32, device=q.device)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], a.s_kpm)
+    dots = dict(BLOCK_D=a.block_d, PREC=a.prec, UPCAST=a.upcast)
+    bm, bn, warps, stages = _cfg(a.block_d, q.device, "dkdv", q.dtype)
+    _bwd_dkdv_kernel[(triton.cdiv(a.lk, bn), a.b * a.hkv)](
+        q, k, v, dout, lse, delta, dk, dv, a.kpm, *strides, a.hq, a.hkv, a.group, a.lq, a.lk,
+        a.d, scale, **a.flags, BLOCK_M=bm, BLOCK_N=bn, **dots, num_warps=warps,
         num_stages=stages)
-    bm, bn, warps, stages = _cfg(block_d, q.device, "dq", q.dtype)
-    _bwd_dq_kernel[(triton.cdiv(lq, bm), b * hq)](
-        q, k, v, dout, lse, delta, dq, kpm_arg, *strides, hq, hq // hkv, lq, lk, d, scale,
-        **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, PREC=prec, UPCAST=upcast, num_warps=warps,
-        num_stages=stages)
+    bm, bn, warps, stages = _cfg(a.block_d, q.device, "dq", q.dtype)
+    _bwd_dq_kernel[(triton.cdiv(a.lq, bm), a.b * a.hq)](
+        q, k, v, dout, lse, delta, dq, a.kpm, *strides, a.hq, a.group, a.lq, a.lk, a.d, scale,
+        **a.flags, BLOCK_M=bm, BLOCK_N=bn, **dots, num_warps=warps, num_stages=stages)
     return dq, dk, dv
 
 

@@ -105,11 +105,12 @@ def plan(args):
 def run_cell(model_name, dataset, variant, seed, args):
     """Compute one cell; returns its JSON-able dict. Loads a fresh model (training is in place)."""
     import torch
-    from abft_fast import data as D
+
     from abft_fast import hf
-    from abft_fast.cli import load_model
-    from abft_fast.evaluate import evaluate
-    from abft_fast.trainer import TrainConfig, train
+    from abft_fast.abft import data as D
+    from abft_fast.abft.cli import load_model
+    from abft_fast.abft.evaluate import evaluate
+    from abft_fast.abft.trainer import TrainConfig, train
     if args.threads:
         torch.set_num_threads(args.threads)
     hf.set_backend(args.backend)
@@ -406,7 +407,7 @@ def make_table(out, ablation_model=None):
 def installed(model):
     """Local directories and names other than the packaged ones are always tried; packaged
     models only when their package is installed."""
-    from abft_fast.models import PACKAGED
+    from abft_fast.hf.packaged import PACKAGED
     if model in PACKAGED:
         return importlib.util.find_spec(PACKAGED[model].module) is not None
     return True
@@ -417,7 +418,7 @@ def parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="docs/results/reproduction")
     p.add_argument("--models", nargs="+", default=MODELS,
-                   help="abft_fast.models names or local HF model directories; packaged models "
+                   help="abft_fast.hf.packaged names or local HF model directories; packaged models "
                         "whose package is not installed are skipped")
     p.add_argument("--datasets", nargs="+", default=DATASETS, choices=DATASETS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

@@ -6,7 +6,8 @@ import dataclasses
 import torch
 
 import abft_fast
-from abft_fast.reference import attention_reference
+from abft_fast.ops.reference import attention_reference
+from abft_fast.ops.spec import make_spec
 
 
 @dataclasses.dataclass
@@ -116,3 +117,10 @@ def attention_fn(backend):
     def fn(*a, **kw):
         return abft_fast.attention(*a, backend=backend, **kw)
     return fn
+
+
+def spec_of(q, k, v, causal=True, scale=None, key_padding_mask=None, window=None, probe_rows=None,
+            probe_cols=None):
+    """The checked AttentionSpec of a call, for tests that call a backend module directly."""
+    return make_spec(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                     window=window, probe_rows=probe_rows, probe_cols=probe_cols)

@@ -3,7 +3,15 @@
 GPT-2 (byte-level BPE), Llama-2 style (SentencePiece-like BPE: metaspace, byte fallback, BOS) and
 Gemma style (spaces normalised to U+2581, no pre-tokenizer so merges may cross words, BOS).
 """
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from transformers import PreTrainedTokenizerFast
 
 

@@ -1,0 +1,185 @@
+"""``abft-fast train | eval | demo``: ABFT on a causal LM and a StaICC data set, offline."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+
+# The demo fits in 10 minutes on 2 CPU cores with SmolLM2-135M (see docs/abft.md for the timing).
+DEMO = dict(train_prompts=512, steps=32, batch=8, micro_batch=4, lr=2e-5, eval_queries=100)
+
+
+def load_model(name, dtype="float32"):
+    """A local HF model directory, or a name known to ``abft_fast.hf.packaged`` (e.g. smollm2-135m),
+    with the "abft_fast" attention implementation."""
+    import torch
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if dt is None:
+        raise ValueError(f"--dtype must be float32, bfloat16 or float16; got {dtype!r}")
+    from ..hf.packaged import load
+    model, tok = load(name, dtype=dt, attn_implementation="abft_fast")
+    return model, tok
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="abft-fast", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp, demo=False):
+        d = DEMO if demo else {}
+        sp.add_argument("--model", default="smollm2-135m",
+                        help="model name for abft_fast.hf.packaged, or a local HF model directory")
+        sp.add_argument("--dataset", default="sst2",
+                        help="sst2 | mr | fp | sst5 | trec | subj | emotion | hate")
+        sp.add_argument("--k", type=int, default=4, help="demonstrations per prompt")
+        sp.add_argument("--eval-queries", type=int, default=d.get("eval_queries", 512),
+                        help="fixed StaICC test queries (x 2 demonstration samplings)")
+        sp.add_argument("--robustness-queries", type=int, default=0,
+                        help="queries for template / demonstration consistency (0 = skip)")
+        sp.add_argument("--eval-batch", type=int, default=8)
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"])
+        sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+        sp.add_argument("--out", default=None, help="output directory (report.json, plots, weights)")
+        sp.add_argument("--no-progress", action="store_true")
+
+    def training(sp, demo=False):
+        d = DEMO if demo else {}
+        sp.add_argument("--train-prompts", type=int, default=d.get("train_prompts", 512))
+        sp.add_argument("--steps", type=int, default=d.get("steps", 32))
+        sp.add_argument("--batch", type=int, default=d.get("batch", 32),
+                        help="pseudo-batch (samples per optimizer step)")
+        sp.add_argument("--micro-batch", type=int, default=d.get("micro_batch", 4),
+                        help="samples per forward (gradient accumulation = batch / micro-batch)")
+        sp.add_argument("--lr", type=float, default=d.get("lr", 2e-5))
+        sp.add_argument("-A", "--a0", type=float, default=0.5, help="initial wrong-label weight A")
+        sp.add_argument("-B", "--b", type=float, default=1.0, help="correct-label weight B")
+        sp.add_argument("--lora", action="store_true", help="LoRA on q/k (peft) instead of full q/k")
+        sp.add_argument("--lora-r", type=int, default=16)
+        sp.add_argument("--no-filter", action="store_true", help="count every head (no threshold)")
+        sp.add_argument("--no-pid", action="store_true", help="keep A fixed")
+        sp.add_argument("--full-forward", action="store_true",
+                        help="run the whole model in training (default: stop after the last "
+                             "probed layer's attention)")
+        sp.add_argument("--no-plots", action="store_true")
+
+    tr = sub.add_parser("train", help="evaluate, train ABFT, evaluate again, write a report")
+    common(tr)
+    training(tr)
+    ev = sub.add_parser("eval", help="evaluate a model (optionally with trained q/k weights)")
+    common(ev)
+    ev.add_argument("--weights", default=None, help="qk.safetensors written by train")
+    de = sub.add_parser("demo", help="a short ABFT run on SmolLM2-135M + SST-2 (< 10 min on CPU)")
+    common(de, demo=True)
+    training(de, demo=True)
+    return p
+
+
+def _setup(args):
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from .. import hf
+    hf.set_backend(args.backend)
+    for name in ("k", "eval_queries", "eval_batch"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+
+
+def cmd_eval(args):
+    from . import data as D
+    from .evaluate import evaluate
+    from .trainer import load_qk
+    _setup(args)
+    model, tok = load_model(args.model, args.dtype)
+    if args.weights:
+        model = load_qk(model, args.weights)
+    task = D.load_task(args.dataset, args.k)
+    res = evaluate(model, tok, task, args.eval_queries, args.eval_batch, args.robustness_queries,
+                   progress=not args.no_progress)
+    print(f"{task.name}: accuracy {res['accuracy']:.4f}  macro-F1 {res['macro_f1']:.4f}  "
+          f"({res['n_prompts']} prompts, {res['seconds']:.0f} s)")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "eval.json"), "w") as f:
+            json.dump({"model": args.model, "dataset": task.name, "weights": args.weights,
+                       "settings": vars(args), **res}, f, indent=1)
+    return res
+
+
+def cmd_train(args, title="ABFT"):
+    from . import data as D
+    from . import plots
+    from .evaluate import evaluate
+    from .trainer import TrainConfig, save_qk, train
+    t_all = time.perf_counter()
+    _setup(args)
+    cfg = TrainConfig(k=args.k, train_prompts=args.train_prompts, steps=args.steps,
+                      batch=args.batch, micro_batch=args.micro_batch, lr=args.lr, a0=args.a0,
+                      b=args.b, use_filter=not args.no_filter, use_pid=not args.no_pid,
+                      seed=args.seed, lora=args.lora, lora_r=args.lora_r,
+                      stop_early=not args.full_forward).check()
+    out = args.out or os.path.join("runs", f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(out, exist_ok=True)
+    t = time.perf_counter()
+    model, tok = load_model(args.model, args.dtype)
+    load_s = time.perf_counter() - t
+    task = D.load_task(args.dataset, args.k)
+    prog = not args.no_progress
+    print(f"{title}: {args.model} on {task.name} ({len(task.label_words)} labels), "
+          f"k={args.k}, {cfg.steps} steps x {cfg.batch} samples, lr {cfg.lr}", flush=True)
+    before = evaluate(model, tok, task, args.eval_queries, args.eval_batch,
+                      args.robustness_queries, progress=prog)
+    print(f"accuracy before: {before['accuracy']:.4f} ({before['n_prompts']} prompts)", flush=True)
+    res = train(model, tok, task, cfg, progress=prog)
+    model = res.model
+    after = evaluate(model, tok, task, args.eval_queries, args.eval_batch,
+                     args.robustness_queries, progress=prog)
+    print(f"accuracy after:  {after['accuracy']:.4f} ({after['n_prompts']} prompts)", flush=True)
+    weights = os.path.join(out, "qk.safetensors")
+    save_qk(model, weights)
+    steps_s = [h["seconds"] for h in res.history]
+    report = {
+        "model": args.model, "dataset": task.name, "staicc_dataset": task.staicc_name,
+        "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
+        "macro_f1_before": before["macro_f1"], "macro_f1_after": after["macro_f1"],
+        "train_seconds": res.seconds, "mean_step_seconds": sum(steps_s) / len(steps_s),
+        "model_load_seconds": load_s, "settings": {**asdict(cfg), **{
+            k: v for k, v in vars(args).items() if k not in asdict(cfg)}},
+        "history": res.history, "eval_before": before, "eval_after": after,
+        "weights": weights, "command": " ".join(["abft-fast"] + sys.argv[1:]),
+    }
+    if not getattr(args, "no_plots", False):
+        plots.attention_mass(before["attention_mass"], after["attention_mass"],
+                             os.path.join(out, "attention_mass.png"),
+                             f"{args.model} / {task.name}: last-token attention on labels")
+        plots.training_curve(res.history, os.path.join(out, "training.png"),
+                             f"{args.model} / {task.name}")
+    report["total_seconds"] = time.perf_counter() - t_all
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"accuracy {before['accuracy']:.4f} -> {after['accuracy']:.4f}; "
+          f"train {res.seconds:.0f} s, total {report['total_seconds']:.0f} s; report in "
+          f"{os.path.join(out, 'report.json')}", flush=True)
+    return report
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    if args.cmd == "eval":
+        cmd_eval(args)
+    elif args.cmd == "train":
+        cmd_train(args)
+    else:
+        if args.out is None:
+            args.out = os.path.join("runs", "demo")
+        cmd_train(args, title="ABFT demo")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

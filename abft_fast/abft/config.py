@@ -1,0 +1,44 @@
+"""The ABFT training configuration (paper defaults, Cho et al. 2025)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["TrainConfig"]
+
+
+@dataclass
+class TrainConfig:
+    k: int = 4
+    train_prompts: int = 512
+    steps: int = 32
+    batch: int = 32            # pseudo-batch: samples per optimizer step
+    micro_batch: int = 4       # samples per forward; gradient accumulation = batch / micro_batch
+    lr: float = 2e-5
+    a0: float = 0.5
+    b: float = 1.0
+    use_filter: bool = True
+    use_pid: bool = True
+    cp: float = 0.03
+    ci: float = 0.005
+    cd: float = 0.005
+    seed: int = 0
+    lora: bool = False
+    lora_r: int = 16
+    stop_early: bool = True    # stop the forward after the last probed layer's attention
+
+    def check(self):
+        for name in ("k", "train_prompts", "steps", "batch", "micro_batch", "lora_r"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int; got {v!r}")
+        if self.batch % self.micro_batch:
+            raise ValueError(f"batch ({self.batch}) must be a multiple of micro_batch "
+                             f"({self.micro_batch})")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive finite number; got {self.lr!r}")
+        for name in ("a0", "b"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v)):
+                raise ValueError(f"{name} must be a finite number; got {v!r}")
+        return self

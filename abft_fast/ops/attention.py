@@ -1,0 +1,173 @@
+"""Public entry point ``abft_fast.attention``: argument spec, engine choice, dispatch."""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+from .spec import BACKENDS, AttentionSpec, check_backend, make_spec
+
+_broken: dict[str, str] = {}  # backend name -> why "auto" stopped using it (warned once)
+
+
+def attention(q, k, v, *, causal=True, scale=None, key_padding_mask=None, window=None,
+              probe_rows=None, probe_cols=None, backend="auto"):
+    """Attention that also returns selected attention probabilities, without an L x L matrix.
+
+    Args:
+      q: [B, Hq, Lq, D] queries; k, v: [B, Hkv, Lk, D] keys / values (SDPA layout). Hq must be a
+        multiple of Hkv (GQA: query head h reads key/value head h // (Hq // Hkv)). Usually
+        Lq == Lk; with Lq < Lk the queries are the last Lq positions (decode against a cache).
+      causal: key j visible to query i iff j <= i + (Lk - Lq).
+      scale: softmax scale, default D ** -0.5.
+      key_padding_mask: [B, Lk] bool (or 0/1 integer, as HF's 2-D attention_mask), True = real key.
+      window: sliding window (needs causal): key j visible to query i iff i' - window < j <= i',
+        i' = i + (Lk - Lq).
+      probe_rows: [B, R] int64 query positions in [-1, Lq); -1 marks an unused slot.
+      probe_cols: [B, C] int64 key positions in [-1, Lk); -1 unused; None = full rows (C = Lk).
+      backend: "auto" (see :func:`choose_backend`), "sdpa", "triton", "cuda" or "torch".
+
+    Returns:
+      out: [B, Hq, Lq, D] in q's dtype; a row with no visible key gives 0.
+      probs: [B, Hq, R, C] (or [B, Hq, R, Lk]) softmax probabilities P[row, col] in float32 for
+        16-bit inputs (else q's dtype), or None when probe_rows is None. Unused slots, masked
+        entries and rows with no visible key give 0. Gradients flow from out and probs into q, k, v.
+
+    Index values out of range raise ValueError at once on the CPU; on a GPU they are checked by an
+    asynchronous device assert (no host synchronisation), which stops the stream with a message
+    naming the argument.
+    """
+    check_backend(backend)
+    spec = make_spec(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                     window=window, probe_rows=probe_rows, probe_cols=probe_cols)
+    return run(q, k, v, spec, backend)
+
+
+def attention_prechecked(q, k, v, *, causal=True, scale=None, key_padding_mask=None, window=None,
+                         probe_rows=None, probe_cols=None, backend="auto"):
+    """``attention`` without the value checks (probe indices in range, integer padding masks 0/1),
+    for callers that validated those values once themselves, like ``abft_fast.hf`` (once per
+    probe context and shape instead of once per layer). Shapes, dtypes and devices are checked."""
+    check_backend(backend)
+    spec = make_spec(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                     window=window, probe_rows=probe_rows, probe_cols=probe_cols,
+                     check_values=False)
+    return run(q, k, v, spec, backend)
+
+
+def run(q, k, v, spec: AttentionSpec, backend: str):
+    """Dispatch a checked call to ``backend`` (or the one ``auto`` chooses)."""
+    if backend == "auto":
+        return _run_auto(q, k, v, spec)
+    _require_available(backend, q, spec)
+    return _backend_module(backend).attention(q, k, v, spec)
+
+
+def _backend_module(name):
+    if name == "torch":
+        from . import torch_backend as m
+    elif name == "sdpa":
+        from . import sdpa_backend as m
+    elif name == "triton":
+        from . import triton_backend as m
+    elif name == "cuda":
+        from . import cuda_backend as m
+    else:  # pragma: no cover - check_backend rejects it first
+        raise ValueError(name)
+    return m
+
+
+@functools.cache
+def _triton_importable() -> str:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # pragma: no cover - triton missing
+        return f"Triton cannot be imported ({e})"
+    return ""
+
+
+def triton_available(device: torch.device) -> tuple[bool, str]:
+    """(usable, reason) for the Triton kernels on tensors of ``device``."""
+    why = _triton_importable()
+    if why:
+        return False, why
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return True, ""
+    return False, ("Triton needs CUDA tensors (or TRITON_INTERPRET=1 set before abft_fast is "
+                   f"imported, to run kernels on the CPU); got tensors on {device}")
+
+
+def cuda_ext_available(device: torch.device) -> tuple[bool, str]:
+    if device.type != "cuda":
+        return False, f"the CUDA extension needs CUDA tensors; got tensors on {device}"
+    if torch.version.cuda is None:  # pragma: no cover
+        return False, "this torch build has no CUDA"
+    return True, ""
+
+
+def _available(name: str, device: torch.device) -> tuple[bool, str]:
+    if name == "triton":
+        return triton_available(device)
+    if name == "cuda":
+        return cuda_ext_available(device)
+    return True, ""
+
+
+def _require_available(backend, q, spec: AttentionSpec):
+    if backend == "sdpa":
+        from .sdpa_backend import check_supported
+        check_supported(spec)
+        return
+    ok, why = _available(backend, q.device)
+    if not ok:
+        raise RuntimeError(f"backend={backend!r} is not available: {why}")
+    if backend in ("triton", "cuda") and q.dtype == torch.float64:
+        raise TypeError(f"backend={backend!r} supports float16, bfloat16 and float32 inputs; got "
+                        "float64 (use backend='torch' for float64)")
+
+
+def choose_backend(device: torch.device, dtype: torch.dtype, spec: AttentionSpec) -> list[str]:
+    """The engines ``auto`` tries, in order (docs/design.md, "engines"):
+
+    - CPU, or float64: torch.
+    - CUDA, unmasked (no padding, no window; causal Lq < Lk allowed): sdpa, i.e. PyTorch's best
+      SDPA kernel for the output plus the Triton probe kernels.
+    - CUDA with padding or a window: the fused Triton kernel, then the CUDA C++ kernel, then
+      torch (which never builds L x L).
+    """
+    if device.type != "cuda" or dtype == torch.float64:
+        return ["torch"]
+    if spec.key_padding_mask is None and spec.window is None:
+        return ["sdpa", "torch"]
+    return ["triton", "cuda", "torch"]
+
+
+def _run_auto(q, k, v, spec: AttentionSpec):
+    for name in choose_backend(q.device, q.dtype, spec):
+        if name == "torch":
+            break
+        if name in _broken:
+            continue
+        ok, why = _available(name, q.device)
+        if not ok:
+            _mark_broken(name, why)
+            continue
+        try:
+            return _backend_module(name).attention(q, k, v, spec)
+        except (ValueError, TypeError):
+            raise
+        except Exception as e:  # compile / build failure: fall back once, loudly
+            _mark_broken(name, f"{type(e).__name__}: {e}")
+    return _backend_module("torch").attention(q, k, v, spec)
+
+
+def _mark_broken(name, why):
+    _broken[name] = why
+    warnings.warn(f"abft_fast: backend 'auto' is not using {name!r}: {why}", RuntimeWarning,
+                  stacklevel=4)
+
+
+__all__ = ["BACKENDS", "attention", "attention_prechecked", "choose_backend", "run",
+           "triton_available", "cuda_ext_available"]

@@ -1,0 +1,116 @@
+"""Backend "sdpa": PyTorch's best SDPA kernel for the output (cuDNN / flash on a GPU, called
+without a mask), dedicated probe kernels for the probabilities.
+
+The loss separates: L = f(out(q, k, v)) + g(P(q, k)), so the gradients add and the probes need
+none of the output's machinery. The probe rows' log-sum-exp is recomputed against all keys
+(O(R * Lk * D), one pass over K) by ``abft_fast.kernels.probes``; their backward adds, for probe
+row r with ds_rc = P_rc G_rc and u_r = sum_c ds_rc, the score gradient ds_rj [j in C] - u_r P_rj
+into dk (every visible key) and dq (the R probe rows); dv gets nothing (docs/design.md).
+
+Where Triton cannot run (a CPU without TRITON_INTERPRET=1, float64) the probes come from the
+torch backend's probe path (the same maths through autograd). Unmasked attention only: no key
+padding, no window (causal with Lq < Lk uses SDPA's lower-right causal bias).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import torch_backend
+from .spec import AttentionSpec, probs_dtype
+
+
+def check_supported(spec: AttentionSpec) -> None:
+    if spec.key_padding_mask is not None or spec.window is not None:
+        raise ValueError("backend='sdpa' runs unmasked attention only (PyTorch's fast SDPA "
+                         "kernels take no mask): got a key_padding_mask or a window; use "
+                         "backend='triton' (fused) or 'auto'")
+
+
+def attention(q, k, v, spec: AttentionSpec):
+    check_supported(spec)
+    out = torch_backend.output(q, k, v, spec)
+    probs = probe_probs(q, k, spec) if spec.has_probes else None
+    return out, probs
+
+
+def _triton_probes(q) -> bool:
+    from .attention import triton_available
+    return q.dtype != torch.float64 and triton_available(q.device)[0]
+
+
+def probe_probs(q, k, spec: AttentionSpec):
+    """[B, Hq, R, C] probe probabilities, differentiable into q and k."""
+    if not _triton_probes(q):
+        return torch_backend.probe_probs(q, k, spec)
+    probs, _ = probe_rows_op(q, k, spec.key_padding_mask, spec.probe_rows, spec.probe_cols,
+                             spec.causal, spec.scale, spec.window or 0)
+    return probs
+
+
+@torch.library.custom_op("abft_fast::probe_rows", mutates_args=(), device_types=None)
+def probe_rows_op(q: torch.Tensor, k: torch.Tensor, key_padding_mask: torch.Tensor | None,
+                  probe_rows: torch.Tensor, probe_cols: torch.Tensor | None, causal: bool,
+                  scale: float, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (probs [B,Hq,R,C] float32, lse of the probe rows [B,Hq,R] float32)."""
+    from ..kernels.probes import probe_rows_fwd
+    return probe_rows_fwd(q, k, probe_rows, probe_cols, key_padding_mask, causal=causal,
+                          window=window or None, scale=scale)
+
+
+@probe_rows_op.register_fake
+def _(q, k, key_padding_mask, probe_rows, probe_cols, causal, scale, window):
+    b, hq = q.shape[:2]
+    r = probe_rows.shape[1]
+    c = k.shape[2] if probe_cols is None else probe_cols.shape[1]
+    return (q.new_empty((b, hq, r, c), dtype=torch.float32),
+            q.new_empty((b, hq, r), dtype=torch.float32))
+
+
+@torch.library.custom_op("abft_fast::probe_rows_backward", mutates_args=(), device_types=None)
+def probe_rows_backward_op(dprobs: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                           probs: torch.Tensor, lse: torch.Tensor,
+                           key_padding_mask: torch.Tensor | None, probe_rows: torch.Tensor,
+                           probe_cols: torch.Tensor | None, causal: bool, scale: float,
+                           window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (dq [B,Hq,Lq,D] in q's dtype, non-zero on the probe rows only; dk [B,Hkv,Lk,D])."""
+    from ..kernels.probes import probe_rows_bwd
+    b, hq, lq, d = q.shape
+    lk = k.shape[2]
+    ds = probs * dprobs.to(probs.dtype)  # 0 where P = 0: masked entries, unused slots
+    u = ds.sum(-1)
+    if probe_cols is None:
+        e = ds
+    else:
+        e = torch.zeros(b, hq, ds.shape[2], lk, dtype=ds.dtype, device=ds.device)
+        e.scatter_add_(3, probe_cols.clamp(min=0)[:, None, None, :].expand_as(ds), ds)
+    dq_rows, dk = probe_rows_bwd(q, k, probe_rows, lse, u, e, key_padding_mask, causal=causal,
+                                 window=window or None, scale=scale)
+    dq = torch.zeros(b, hq, lq, d, dtype=torch.float32, device=q.device)
+    idx = probe_rows.clamp(min=0)[:, None, :, None].expand(b, hq, -1, d)
+    dq.scatter_add_(2, idx, dq_rows)  # dq_rows is 0 on unused slots
+    return dq.to(q.dtype), dk.to(k.dtype)
+
+
+@probe_rows_backward_op.register_fake
+def _(dprobs, q, k, probs, lse, key_padding_mask, probe_rows, probe_cols, causal, scale, window):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, kpm, rows, cols, causal, scale, window = inputs
+    probs, lse = output
+    ctx.save_for_backward(q, k, probs, lse, kpm, rows, cols)
+    ctx.cfg = (causal, scale, window)
+
+
+def _backward(ctx, dprobs, _dlse):
+    q, k, probs, lse, kpm, rows, cols = ctx.saved_tensors
+    if dprobs is None:
+        return None, None, None, None, None, None, None, None
+    dq, dk = probe_rows_backward_op(dprobs, q, k, probs, lse, kpm, rows, cols, *ctx.cfg)
+    return dq, dk, None, None, None, None, None, None
+
+
+probe_rows_op.register_autograd(_backward, setup_context=_setup_context)
+
+__all__ = ["attention", "check_supported", "probe_probs", "probs_dtype"]

@@ -1,0 +1,287 @@
+"""Triton probe kernels: attention probabilities of a few query rows, and their backward, for the
+"sdpa" engine (the output and its gradient come from PyTorch's SDPA; these give only the probes).
+
+Per key/value head, the probe rows of its G query heads form one tile of M = G x R rows
+(row m: query head hk * G + m // R, probe slot m % R). With scale s and visibility as in
+abft_fast.kernels.attention (causal, window, key padding; query i at absolute position i + Lk - Lq):
+
+  _probe_fwd_kernel   lse_r = log sum_j exp(s q_r . k_j) over the visible keys (online, one pass
+                      over K), then P[r, c] = exp(s q_r . k_c - lse_r) at the probe columns (or
+                      every key: full rows). Writes P [B, Hq, R, C] and lse [B, Hq, R].
+  _probe_dk_kernel    dK_j = s * sum_r dS_rj q_r for one key block, with
+                      dS_rj = E_rj - u_r P_rj, E the probe gradient scattered to full rows
+                      (E_rj = sum_{c: cols_c = j} P_rc G_rc) and u_r = sum_c P_rc G_rc.
+  _probe_dq_kernel    dQ_r = s * sum_j dS_rj k_j for one tile of probe rows.
+
+O(R * Lk * D) work and O(R * Lk) memory per head; no L x L anywhere. No autograd here.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention import _dot, _interpreting, _key_ok, padded_head_dim
+
+
+@triton.jit
+def _probe_tile(Q, ROWS, s_qb, s_qh, s_ql, b, hk, G, R, Lq, D, pid_m,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows of probe tile pid_m: (q [BM, BD], head index, slot, row position, row valid)."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_tile = offs_m < G * R
+    g = offs_m // R
+    slot = offs_m % R
+    h = hk * G + g
+    row = tl.load(ROWS + b * R + slot, mask=in_tile, other=-1)
+    ok = in_tile & (row >= 0) & (row < Lq)
+    row_c = tl.where(ok, row, 0)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + b * s_qb + h[:, None] * s_qh + row_c[:, None] * s_ql + offs_d[None, :],
+                mask=ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    return q, h, slot, row_c, ok
+
+
+@triton.jit
+def _row_visible(row_c, row_ok, offs_n, kp_ok, OFF, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    ok = row_ok[:, None] & kp_ok[None, :]
+    if CAUSAL:
+        qpos = row_c[:, None] + OFF
+        ok = ok & (offs_n[None, :] <= qpos)
+        if WINDOW > 0:
+            ok = ok & (offs_n[None, :] > qpos - WINDOW)
+    return ok
+
+
+@triton.jit
+def _probe_fwd_kernel(Q, K, ROWS, COLS, P, LSE, KPM,
+                      s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_kpm_b,
+                      Hq, G, Lq, Lk, D, R, C, sm_scale,
+                      CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
+                      FULL_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bhk = tl.program_id(1).to(tl.int64)
+    Hkv = Hq // G
+    b = bhk // Hkv
+    hk = bhk % Hkv
+    OFF = Lk - Lq
+    q, h, slot, row_c, row_ok = _probe_tile(Q, ROWS, s_qb, s_qh, s_ql, b, hk, G, R, Lq, D, pid_m,
+                                            BLOCK_M, BLOCK_D)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    k_base = K + b * s_kb + hk * s_kh
+    qk_scale = sm_scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    hi = Lk
+    if CAUSAL:
+        hi = tl.minimum(Lk, tl.max(tl.where(row_ok, row_c, 0)) + OFF + 1)
+    for start_n in tl.range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kp_ok = _key_ok(KPM, s_kpm_b, b, offs_n, Lk, HAS_KPM)
+        kt = tl.load(k_base + offs_n[None, :] * s_kl + offs_d[:, None],
+                     mask=(offs_n[None, :] < Lk) & dmask[:, None], other=0.0)
+        s = _dot(q, kt, PREC, UPCAST) * qk_scale
+        s = tl.where(_row_visible(row_c, row_ok, offs_n, kp_ok, OFF, CAUSAL, WINDOW), s,
+                     float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+        m_i = m_new
+    empty = l_i == 0.0
+    lse2 = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    out_row = (b * Hq + h) * R + slot  # [BM] index of (b, h, slot)
+    in_tile = pid_m * BLOCK_M + tl.arange(0, BLOCK_M) < G * R
+    tl.store(LSE + out_row, tl.where(empty, float("-inf"), lse2 * 0.6931471805599453),
+             mask=in_tile)
+    n_out = Lk if FULL_ROWS else C
+    for start_c in tl.range(0, n_out, BLOCK_N):
+        offs_c = start_c + tl.arange(0, BLOCK_N)
+        cmask = offs_c < n_out
+        if FULL_ROWS:
+            col = offs_c
+        else:
+            col = tl.load(COLS + b * C + offs_c, mask=cmask, other=-1)
+        col_ok = cmask & (col >= 0)
+        col_c = tl.where(col_ok, col, 0)
+        kp_ok = _key_ok(KPM, s_kpm_b, b, col_c, Lk, HAS_KPM) & col_ok
+        kt = tl.load(k_base + col_c[None, :] * s_kl + offs_d[:, None],
+                     mask=col_ok[None, :] & dmask[:, None], other=0.0)
+        s = _dot(q, kt, PREC, UPCAST) * qk_scale
+        ok = _row_visible(row_c, row_ok, col_c, kp_ok, OFF, CAUSAL, WINDOW)
+        p = tl.where(ok, tl.exp2(tl.where(ok, s - lse2[:, None], 0.0)), 0.0)
+        tl.store(P + out_row[:, None] * n_out + offs_c[None, :], p,
+                 mask=in_tile[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _probe_dk_kernel(Q, K, ROWS, LSE, U, E, DK, KPM,
+                     s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_kpm_b,
+                     Hq, G, Lq, Lk, D, R, sm_scale,
+                     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PREC: tl.constexpr, UPCAST: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1).to(tl.int64)
+    Hkv = Hq // G
+    b = bhk // Hkv
+    hk = bhk % Hkv
+    OFF = Lk - Lq
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    nmask = offs_n < Lk
+    kp_ok = _key_ok(KPM, s_kpm_b, b, offs_n, Lk, HAS_KPM)
+    kt = tl.load(K + b * s_kb + hk * s_kh + offs_n[None, :] * s_kl + offs_d[:, None],
+                 mask=nmask[None, :] & dmask[:, None], other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for pid_m in range(0, tl.cdiv(G * R, BLOCK_M)):
+        q, h, slot, row_c, row_ok = _probe_tile(Q, ROWS, s_qb, s_qh, s_ql, b, hk, G, R, Lq, D,
+                                                pid_m, BLOCK_M, BLOCK_D)
+        ridx = (b * Hq + h) * R + slot
+        lse = tl.load(LSE + ridx, mask=row_ok, other=float("-inf"))
+        row_ok = row_ok & (lse != float("-inf"))
+        lse2 = tl.where(row_ok, lse * 1.4426950408889634, 0.0)
+        u = tl.load(U + ridx, mask=row_ok, other=0.0)
+        s = _dot(q, kt, PREC, UPCAST) * qk_scale
+        ok = _row_visible(row_c, row_ok, offs_n, kp_ok, OFF, CAUSAL, WINDOW)
+        p = tl.where(ok, tl.exp2(tl.where(ok, s - lse2[:, None], 0.0)), 0.0)
+        e = tl.load(E + ridx[:, None] * Lk + offs_n[None, :],
+                    mask=row_ok[:, None] & nmask[None, :], other=0.0)
+        ds = e - u[:, None] * p  # [BM, BN]
+        dk += tl.dot(tl.trans(ds), q.to(tl.float32), input_precision="ieee")
+    tl.store(DK + bhk * Lk * D + offs_n[:, None] * D + offs_d[None, :], dk * sm_scale,
+             mask=nmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _probe_dq_kernel(Q, K, ROWS, LSE, U, E, DQ, KPM,
+                     s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_kpm_b,
+                     Hq, G, Lq, Lk, D, R, sm_scale,
+                     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PREC: tl.constexpr, UPCAST: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bhk = tl.program_id(1).to(tl.int64)
+    Hkv = Hq // G
+    b = bhk // Hkv
+    hk = bhk % Hkv
+    OFF = Lk - Lq
+    q, h, slot, row_c, row_ok = _probe_tile(Q, ROWS, s_qb, s_qh, s_ql, b, hk, G, R, Lq, D, pid_m,
+                                            BLOCK_M, BLOCK_D)
+    ridx = (b * Hq + h) * R + slot
+    lse = tl.load(LSE + ridx, mask=row_ok, other=float("-inf"))
+    row_ok = row_ok & (lse != float("-inf"))
+    lse2 = tl.where(row_ok, lse * 1.4426950408889634, 0.0)
+    u = tl.load(U + ridx, mask=row_ok, other=0.0)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    k_base = K + b * s_kb + hk * s_kh
+    qk_scale = sm_scale * 1.4426950408889634
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = Lk
+    if CAUSAL:
+        hi = tl.minimum(Lk, tl.max(tl.where(row_ok, row_c, 0)) + OFF + 1)
+    for start_n in tl.range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        nmask = offs_n < Lk
+        kp_ok = _key_ok(KPM, s_kpm_b, b, offs_n, Lk, HAS_KPM)
+        k = tl.load(k_base + offs_n[:, None] * s_kl + offs_d[None, :],
+                    mask=nmask[:, None] & dmask[None, :], other=0.0)
+        s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
+        ok = _row_visible(row_c, row_ok, offs_n, kp_ok, OFF, CAUSAL, WINDOW)
+        p = tl.where(ok, tl.exp2(tl.where(ok, s - lse2[:, None], 0.0)), 0.0)
+        e = tl.load(E + ridx[:, None] * Lk + offs_n[None, :],
+                    mask=row_ok[:, None] & nmask[None, :], other=0.0)
+        ds = e - u[:, None] * p
+        dq += tl.dot(ds, k.to(tl.float32), input_precision="ieee")
+    tl.store(DQ + ridx[:, None] * D + offs_d[None, :], dq * sm_scale,
+             mask=row_ok[:, None] & dmask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+
+
+def _tiles(m_rows: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N): probe tiles of up to 64 rows, key blocks of 64 (16 in the interpreter)."""
+    if _interpreting() or device.type != "cuda":
+        return 16, 16
+    return min(64, max(16, triton.next_power_of_2(m_rows))), 64
+
+
+def _flags(kpm, causal, window):
+    return dict(CAUSAL=bool(causal), WINDOW=int(window or 0), HAS_KPM=kpm is not None)
+
+
+def _prep(q, k, kpm):
+    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    kpm_arg = kpm.to(torch.uint8).contiguous() if kpm is not None else q
+    return q, k, kpm_arg, (kpm_arg.stride(0) if kpm is not None else 0)
+
+
+def _dots(q):
+    return dict(PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                UPCAST=_interpreting() and q.dtype == torch.bfloat16)
+
+
+def probe_rows_fwd(q, k, rows, cols=None, key_padding_mask=None, *, causal=True, window=None,
+                   scale=None):
+    """Probabilities of the probe rows from scratch (no stored lse needed).
+
+    q [B,Hq,Lq,D], k [B,Hkv,Lk,D]; rows [B,R] int64 (-1 unused); cols [B,C] int64 or None (all
+    keys). Returns (P [B,Hq,R,C] float32, lse [B,Hq,R] float32, -inf for unused / empty rows)."""
+    q, k, kpm, s_kpm = _prep(q, k, key_padding_mask)
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    g, r = hq // hkv, rows.shape[1]
+    c = lk if cols is None else cols.shape[1]
+    scale = d ** -0.5 if scale is None else float(scale)
+    p = torch.empty(b, hq, r, c, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, hq, r, dtype=torch.float32, device=q.device)
+    if r == 0:
+        return p, lse
+    if c == 0:
+        lse.fill_(float("-inf"))
+        return p, lse
+    rows = rows.contiguous()
+    bm, bn = _tiles(g * r, q.device)
+    _probe_fwd_kernel[(triton.cdiv(g * r, bm), b * hkv)](
+        q, k, rows, rows if cols is None else cols.contiguous(), p, lse, kpm,
+        *q.stride()[:3], *k.stride()[:3], s_kpm, hq, g, lq, lk, d, r, c, scale,
+        **_flags(key_padding_mask, causal, window), FULL_ROWS=cols is None, BLOCK_M=bm,
+        BLOCK_N=bn, BLOCK_D=padded_head_dim(d), **_dots(q), num_warps=4)
+    return p, lse
+
+
+def probe_rows_bwd(q, k, rows, lse, u, e, key_padding_mask=None, *, causal=True, window=None,
+                   scale=None):
+    """Gradient of the probes into q (probe rows only) and k.
+
+    lse [B,Hq,R] from probe_rows_fwd; u [B,Hq,R] = sum_c P G; e [B,Hq,R,Lk] = P G scattered to
+    the probe columns (float32). Returns (dq_rows [B,Hq,R,D], dk [B,Hkv,Lk,D]), float32; dq_rows
+    is 0 on unused slots and rows with no visible key."""
+    q, k, kpm, s_kpm = _prep(q, k, key_padding_mask)
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    g, r = hq // hkv, rows.shape[1]
+    scale = d ** -0.5 if scale is None else float(scale)
+    dq = torch.zeros(b, hq, r, d, dtype=torch.float32, device=q.device)
+    dk = torch.empty(b, hkv, lk, d, dtype=torch.float32, device=q.device)
+    if r == 0:
+        return dq, dk.zero_()
+    rows, lse, u, e = rows.contiguous(), lse.contiguous(), u.contiguous(), e.contiguous()
+    bm, bn = _tiles(g * r, q.device)
+    common = (*q.stride()[:3], *k.stride()[:3], s_kpm, hq, g, lq, lk, d, r, scale)
+    meta = dict(**_flags(key_padding_mask, causal, window), BLOCK_M=bm, BLOCK_N=bn,
+                BLOCK_D=padded_head_dim(d), **_dots(q), num_warps=4)
+    _probe_dk_kernel[(triton.cdiv(lk, bn), b * hkv)](q, k, rows, lse, u, e, dk, kpm, *common,
+                                                     **meta)
+    _probe_dq_kernel[(triton.cdiv(g * r, bm), b * hkv)](q, k, rows, lse, u, e, dq, kpm, *common,
+                                                        **meta)
+    return dq, dk
+
+
+__all__ = ["probe_rows_fwd", "probe_rows_bwd"]

@@ -1,0 +1,460 @@
+"""CUDA C++ backend (csrc/, abft_fast/cuda_backend.py).
+
+Without a GPU: every .cu compiles with nvcc and binding.cpp against torch's CUDA headers; the
+backend imports without building anything and reports a failed build clearly; and the very same
+kernel source runs on the CPU through csrc/emu (one std::thread per CUDA thread, API-level WMMA)
+behind the real binding and autograd Function, checked against the float64 reference with the
+DESIGN.md section 5 rule. With a GPU (@pytest.mark.gpu): the JIT-built extension against the
+reference and against the Triton backend, forward and backward, random shapes, fp32/fp16/bf16.
+"""
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+from cases import (
+    Case,
+    attention_fn,
+    check_rel,
+    check_rule,
+    make_inputs,
+    reference,
+    rel_err,
+    run,
+    spec_of,
+)
+from test_torch_backend import CASES
+
+from abft_fast.ops import cuda_backend
+from abft_fast.ops.reference import attention_reference
+
+CSRC = cuda_backend.csrc_dir()
+NVCC = shutil.which("nvcc")
+CXX = shutil.which("c++") or shutil.which("g++")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DT_IDS = ["fp32", "fp16", "bf16"]
+# GPU runs: outputs of the extension start as NaN (csrc/binding.cpp), so unwritten elements show.
+os.environ.setdefault("ABFT_FAST_CUDA_POISON", "1")
+
+
+def _fresh():
+    return torch.Generator().manual_seed(torch.seed() % 2**31)
+
+
+def _floor(dtype, gpu=False):
+    if dtype == torch.float32:
+        return 1e-5 if gpu else 1e-6
+    return 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# build and import (no GPU needed)
+
+
+def test_import_does_not_build(tmp_path):
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    env.pop("ABFT_FAST_CUDA_BUILD_DIR", None)
+    code = ("import abft_fast, abft_fast.ops.cuda_backend as c\n"
+            "assert c._ext is None and c._build_error is None\n"
+            "print(c.build_directory())")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip()).parent == tmp_path / "abft_fast" / "cuda_ext"
+    assert not (tmp_path / "abft_fast").exists(), "importing must not create the build directory"
+
+
+def test_build_directory_follows_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("ABFT_FAST_CUDA_BUILD_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    d = cuda_backend.build_directory()
+    assert d.parent == tmp_path / "abft_fast" / "cuda_ext"
+    assert d.name.startswith("torch") and "-cu" in d.name
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    home = Path(os.path.expanduser("~"))
+    assert cuda_backend.build_directory().parent == home / ".cache" / "abft_fast" / "cuda_ext"
+    monkeypatch.setenv("ABFT_FAST_CUDA_BUILD_DIR", str(tmp_path / "mine"))
+    assert cuda_backend.build_directory() == tmp_path / "mine"
+
+
+def test_jit_sources_are_shipped():
+    for name in cuda_backend.JIT_SOURCES:
+        assert (CSRC / name).is_file(), name
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="failure path of a CPU-only torch")
+def test_failed_build_is_a_clear_runtime_error_raised_once(monkeypatch, tmp_path):
+    monkeypatch.setattr(cuda_backend, "_ext", None)
+    monkeypatch.setattr(cuda_backend, "_build_error", None)
+    monkeypatch.setenv("ABFT_FAST_CUDA_BUILD_DIR", str(tmp_path / "build"))
+    calls = []
+    real = cuda_backend._jit_build
+
+    def counting():
+        calls.append(1)
+        return real()
+    monkeypatch.setattr(cuda_backend, "_jit_build", counting)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match=r"building the CUDA extension failed.*no CUDA"):
+            cuda_backend.load_extension()
+    assert calls == [1], "a failed build is remembered, not retried on every call"
+
+
+def test_kernel_sources_do_not_include_torch():
+    files = [p for p in CSRC.iterdir() if p.suffix in (".cu", ".cuh", ".h")]
+    assert {"attention_fwd.cu", "attention_bwd.cu"} <= {p.name for p in files}
+    for p in files:
+        hit = re.search(r'#include\s*[<"](torch|ATen|c10|pybind11)/', p.read_text())
+        assert hit is None, f"{p.name} includes {hit.group(0)}: keep torch in binding.cpp"
+
+
+def _cuda_include():
+    from torch.utils import cpp_extension
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+                 cpp_extension.CUDA_HOME, "/usr/local/cuda"):
+        if root and (Path(root) / "include" / "cuda_runtime_api.h").is_file():
+            return Path(root) / "include"
+    return None
+
+
+def _binding_check_cmd(tmp_path):
+    """g++ -fsyntax-only of binding.cpp in its CUDA form, against torch's and CUDA's headers."""
+    from torch.utils import cpp_extension
+    incs = [Path(p) for p in cpp_extension.include_paths()]
+    incs += [_cuda_include(), Path(sysconfig.get_paths()["include"])]
+    macros = Path("c10/cuda/impl/cuda_cmake_macros.h")
+    if not any((i / macros).is_file() for i in incs):
+        # CPU wheels of torch lack this generated header; a CUDA build defines just this macro.
+        (tmp_path / macros).parent.mkdir(parents=True)
+        (tmp_path / macros).write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        incs.append(tmp_path)
+    return [CXX, "-std=c++17", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=abft_check",
+            *[f"-I{i}" for i in incs], str(CSRC / "binding.cpp")]
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
+def test_sources_compile(tmp_path):
+    """Every .cu with nvcc alone, like `make check-cuda` but for sm_80 only, and binding.cpp in
+    its CUDA form (-fsyntax-only) against torch's CUDA headers; all in parallel."""
+    jobs = {s.name: [NVCC, "-std=c++17", "-O3", "-c", str(s), "-o", str(tmp_path / f"{s.stem}.o"),
+                     "-gencode", "arch=compute_80,code=sm_80"]
+            for s in sorted(CSRC.glob("*.cu"))}
+    assert {"attention_fwd.cu", "attention_bwd.cu"} <= set(jobs)
+    if CXX is not None and _cuda_include() is not None:
+        jobs["binding.cpp"] = _binding_check_cmd(tmp_path)
+    procs = {n: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for n, cmd in jobs.items()}
+    failed = {}
+    for n, p in procs.items():
+        log = p.communicate(timeout=900)[0]
+        if p.returncode != 0:
+            errors = [ln for ln in log.splitlines() if "error" in ln]
+            failed[n] = "\n".join(errors[:30]) or log[-6000:]
+    assert not failed, "\n\n".join(f"{n}:\n{log}" for n, log in failed.items())
+    for n in jobs:
+        if n.endswith(".cu"):
+            assert (tmp_path / f"{Path(n).stem}.o").stat().st_size > 0
+
+
+# --------------------------------------------------------------------------------------------
+# the kernels on the CPU, through the emulation (csrc/emu)
+
+
+@pytest.fixture(scope="session")
+def emu():
+    """The kernels of csrc/ compiled for the CPU with csrc/emu, behind the real binding.cpp
+    (a CPU torch extension; built once into the user cache, a couple of minutes on 2 cores)."""
+    if CXX is None:
+        pytest.skip("no C++ compiler")
+    if not (CSRC / "emu" / "attention_emu.cpp").is_file():
+        pytest.skip(f"{CSRC}/emu is not there (installed without the emulation sources)")
+    from torch.utils.cpp_extension import load
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    build = Path(cache) / "abft_fast" / "cuda_emu" / re.sub(r"[^\w.-]", "_",
+                                                            f"torch{torch.__version__}")
+    build.mkdir(parents=True, exist_ok=True)
+    return load(name="abft_fast_cuda_emu",
+                sources=[str(CSRC / "binding.cpp"), str(CSRC / "emu" / "attention_emu.cpp")],
+                extra_cflags=["-O2", "-std=c++17", "-DABFT_EMULATION", "-pthread",
+                              "-Wno-unknown-pragmas"],
+                extra_ldflags=["-pthread"], build_directory=str(build))
+
+
+def _emu_fn(ext):
+    def fn(q, k, v, *, causal, scale, key_padding_mask, window, probe_rows, probe_cols):
+        spec = spec_of(q, k, v, causal, scale, key_padding_mask, window, probe_rows, probe_cols)
+        return cuda_backend.attention_with_extension(ext, q, k, v, spec)
+    return fn
+
+
+EMU_EXTRA = [
+    Case(2, 6, 2, 150, 150, 32, window=40, padding="left", r=3, c=5),  # several tiles, both skips
+    Case(2, 2, 1, 20, 12, 32, padding="right"),                        # Lq > Lk: empty first rows
+    Case(1, 4, 1, 70, 70, 256, padding="random", r=2, c=None),         # D = 256, small tiles
+    Case(2, 3, 3, 65, 130, 48, causal=False, r=2, c=4),                # non-causal, Lq < Lk
+]
+
+
+@pytest.mark.parametrize("case", CASES + EMU_EXTRA, ids=str)
+def test_emulated_fp32_matches_reference(emu, case):
+    inp = make_inputs(case, _fresh())
+    ref = reference(case, inp)
+    tor = run(attention_fn("torch"), case, inp, torch.float32)
+    got = run(_emu_fn(emu), case, inp, torch.float32)
+    check_rel(got, ref, 2e-4)
+    check_rule(got, tor, ref, floor=_floor(torch.float32))
+
+
+EMU_HALF = [
+    Case(2, 4, 2, 37, 37, 64, padding="left"),
+    Case(2, 6, 2, 70, 70, 32, window=9, padding="right", c=None),
+    Case(2, 2, 1, 20, 20, 16, causal=False, padding="random"),
+    Case(1, 2, 2, 9, 40, 128, padding="left", r=3, c=6),
+]
+
+
+@pytest.mark.parametrize("case", EMU_HALF, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=DT_IDS[1:])
+def test_emulated_half_rule(emu, case, dtype):
+    inp = make_inputs(case, _fresh())
+    ref = reference(case, inp)
+    tor = run(attention_fn("torch"), case, inp, dtype)
+    got = run(_emu_fn(emu), case, inp, dtype)
+    check_rule(got, tor, ref, floor=_floor(dtype))
+
+
+@pytest.mark.parametrize("d", [16, 24, 32, 48, 64, 80, 96, 128, 160, 192, 256])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_emulated_head_dims(emu, d, dtype):
+    case = Case(1, 2, 1, 33, 33, d, padding="right", r=2, c=4)
+    inp = make_inputs(case, _fresh())
+    ref = reference(case, inp)
+    tor = run(attention_fn("torch"), case, inp, dtype)
+    check_rule(run(_emu_fn(emu), case, inp, dtype), tor, ref, floor=_floor(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_emulated_lse_and_empty_rows(emu, dtype):
+    """lse is -inf exactly where no key is visible (there out = 0), else the reference's."""
+    case = Case(2, 4, 2, 24, 24, 32, window=4, padding="left")
+    inp = make_inputs(case, _fresh())
+    inp["kpm"][0] = False       # batch 0: no visible key at all
+    inp["kpm"][1, :10] = False  # batch 1: with window 4, rows < 10 see nothing
+    q, k, v = (inp[n].to(dtype) for n in "qkv")
+    out, lse = emu.fwd(q, k, v, inp["kpm"], True, 0.3, 4)
+    ref_o, ref_lse, _ = attention_reference(inp["q"], inp["k"], inp["v"], scale=0.3,
+                                            key_padding_mask=inp["kpm"], window=4)
+    assert lse.dtype == torch.float32 and out.dtype == dtype
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    assert bool(torch.isinf(lse[0]).all()) and bool(torch.isinf(lse[1, :, :10]).all())
+    assert torch.all(out[0] == 0) and torch.all(out[1, :, :10] == 0)
+    fin = torch.isfinite(ref_lse)
+    tol = 2e-6 if dtype == torch.float32 else 1e-2
+    assert rel_err(lse.double()[fin], ref_lse[fin]) <= tol
+    assert rel_err(out.double(), ref_o) <= (2e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_emulated_probe_only_loss_and_noncontiguous_inputs(emu):
+    """Gradient only through probs (out unused), q/k/v as transposed views as HF passes them."""
+    case = Case(2, 4, 2, 21, 21, 32, padding="left")
+    inp = make_inputs(case, _fresh())
+    q, k, v = (inp[n].float().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+               for n in "qkv")
+    assert not q.is_contiguous()
+    _, probs = _emu_fn(emu)(q, k, v, causal=True, scale=None, key_padding_mask=inp["kpm"],
+                            window=None, probe_rows=inp["rows"], probe_cols=inp["cols"])
+    dq, dk, dv = torch.autograd.grad((probs.double() * inp["dp"]).sum(), (q, k, v))
+    q64, k64, v64 = (inp[n].clone().requires_grad_() for n in "qkv")
+    _, _, p64 = attention_reference(q64, k64, v64, key_padding_mask=inp["kpm"],
+                                    probe_rows=inp["rows"], probe_cols=inp["cols"])
+    rq, rk = torch.autograd.grad((p64 * inp["dp"]).sum(), (q64, k64))
+    assert rel_err(dq.double(), rq) < 2e-4 and rel_err(dk.double(), rk) < 2e-4
+    assert torch.all(dv == 0), "probabilities do not depend on v"
+
+
+def test_emulated_binding_rejects_bad_arguments(emu):
+    q = torch.randn(1, 2, 5, 16)
+    with pytest.raises(RuntimeError, match="float32, float16 and bfloat16"):
+        emu.fwd(q.double(), q.double(), q.double(), None, True, 0.25, 0)
+    with pytest.raises(RuntimeError, match="head dims 1..256"):
+        big = torch.randn(1, 1, 4, 300)
+        emu.fwd(big, big, big, None, True, 0.1, 0)
+    with pytest.raises(RuntimeError, match=r"key_padding_mask must have shape \[B, Lk\]"):
+        emu.fwd(q, q, q, torch.ones(1, 4, dtype=torch.bool), True, 0.25, 0)
+    with pytest.raises(RuntimeError, match="multiple of k/v heads"):
+        emu.fwd(torch.randn(1, 3, 5, 16), q, q, None, True, 0.25, 0)
+    with pytest.raises(RuntimeError, match="dq_extra must have shape"):
+        out, lse = emu.fwd(q, q, q, None, True, 0.25, 0)
+        emu.bwd(out, q, q, q, out, lse, None, None, torch.zeros(1, 2, 5, 8), None, True, 0.25, 0)
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        big = torch.randn(1, 1, 4, 300)
+        cuda_backend.attention_with_extension(emu, big, big, big, spec_of(big, big, big,
+                                                                           scale=0.1))
+
+
+@pytest.mark.parametrize("i", range(6))
+def test_emulated_random_shapes(emu, i):
+    seed = random.randrange(2**31)
+    case = _random_case(seed, max_l=100)
+    dtype = DTYPES[seed % 3]
+    inp = make_inputs(case, _fresh())
+    ref = reference(case, inp)
+    tor = run(attention_fn("torch"), case, inp, dtype)
+    got = run(_emu_fn(emu), case, inp, dtype)
+    try:
+        check_rule(got, tor, ref, floor=_floor(dtype))
+    except AssertionError as e:
+        raise AssertionError(f"{case} {dtype} (shape seed {seed}): {e}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# GPU
+
+
+def _random_case(seed, max_l=2100):
+    """A random Case: key lengths 8..max_l (short, medium or long), head dims 16..256.
+
+    Not degenerate on purpose: when every row sees a single key (L <= 2, window 1), dq and dk are
+    exactly 0 in float64 and in the torch backend, while a fused backend (Triton too) keeps a
+    rounding-level residual of the probe gradient (fp32 direct term minus the same term through the
+    16-bit dS), which a relative error cannot judge. Fixed cases above cover L = 1 and window = 1.
+    """
+    rnd = random.Random(seed)
+    hkv = rnd.choice([1, 2, 4])
+    short, mid = max(9, max_l // 32), max(10, max_l // 3)
+    lk = rnd.choice([rnd.randint(8, short), rnd.randint(short, mid), rnd.randint(mid, max_l)])
+    causal = rnd.random() < 0.7
+    return Case(
+        b=rnd.randint(1, 3), hq=hkv * rnd.choice([1, 2, 3, 4]), hkv=hkv,
+        lq=rnd.randint(1, lk) if causal and rnd.random() < 0.3 else lk, lk=lk,
+        d=rnd.choice([16, 32, 48, 64, 80, 96, 128, 160, 192, 256]), causal=causal,
+        window=rnd.choice([None, None, rnd.randint(4, lk)]) if causal else None,
+        padding=rnd.choice([None, "left", "right", "random"]),
+        r=rnd.choice([None, 0, 1, 4]), c=rnd.choice([None, 1, 16, 64]),
+        unused=rnd.random() < 0.5, scale=rnd.choice([None, None, 0.1, 0.3]))
+
+
+def _on_cuda(inp):
+    return {n: (t.cuda() if isinstance(t, torch.Tensor) else t) for n, t in inp.items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("i", range(8))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_cuda_gpu_random_shapes_match_reference(i, dtype):
+    seed = random.randrange(2**31)
+    case = _random_case(seed)
+    inp = _on_cuda(make_inputs(case, _fresh()))
+    ref = reference(case, inp)
+    tor = run(attention_fn("torch"), case, inp, dtype)
+    got = run(attention_fn("cuda"), case, inp, dtype)
+    try:
+        check_rule(got, tor, ref, floor=_floor(dtype, gpu=True))
+    except AssertionError as e:
+        raise AssertionError(f"{case} (shape seed {seed}): {e}") from None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("i", range(4))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_cuda_gpu_matches_triton(i, dtype):
+    """Both fused backends within the rule of the reference, and within 4x the torch backend's
+    rounding error of each other (out, probs, dq, dk, dv)."""
+    seed = random.randrange(2**31)
+    case = _random_case(seed)
+    inp = _on_cuda(make_inputs(case, _fresh()))
+    ref = reference(case, inp)
+    tor = run(attention_fn("torch"), case, inp, dtype)
+    cu = run(attention_fn("cuda"), case, inp, dtype)
+    tri = run(attention_fn("triton"), case, inp, dtype)
+    floor = _floor(dtype, gpu=True)
+    for n in ref:
+        e_t = rel_err(tor[n], ref[n])
+        e_ct = float((cu[n] - tri[n]).norm() / ref[n].norm()) if ref[n].norm() > 0 else \
+            float((cu[n] - tri[n]).norm())
+        assert e_ct <= 4 * e_t + floor, (f"{case} (shape seed {seed}) {n}: cuda vs triton "
+                                         f"{e_ct:.3g} > 4 x torch {e_t:.3g} + {floor}")
+    check_rule(cu, tor, ref, floor)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_cuda_gpu_lse_matches_reference_and_triton(dtype):
+    from abft_fast.ops import triton_backend
+    case = Case(2, 8, 2, 333, 333, 64, window=100, padding="left")
+    inp = _on_cuda(make_inputs(case, _fresh()))
+    inp["kpm"][0, :200] = False  # rows < 200 of batch 0 see no key
+    q, k, v = (inp[n].to(dtype) for n in "qkv")
+    _, lse = cuda_backend.load_extension().fwd(q, k, v, inp["kpm"], True, 0.125, 100)
+    _, lse_ref, _ = attention_reference(inp["q"], inp["k"], inp["v"], scale=0.125,
+                                        key_padding_mask=inp["kpm"], window=100)
+    _, lse_tri, _ = triton_backend.attention(
+        q, k, v, spec_of(q, k, v, True, 0.125, inp["kpm"], 100), return_lse=True)
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref))
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_tri))
+    fin = torch.isfinite(lse_ref)
+    tol = 2e-6 if dtype == torch.float32 else 1e-2
+    assert rel_err(lse.double()[fin], lse_ref[fin]) <= tol
+    assert rel_err(lse.double()[fin], lse_tri.double()[fin]) <= tol
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_cuda_gpu_fully_masked_rows_and_noncontiguous(dtype):
+    b, h, l, d = 2, 2, 40, 64
+    q, k, v = (torch.randn(b, l, h, d, device="cuda", dtype=dtype).transpose(1, 2)
+               .requires_grad_() for _ in range(3))
+    kpm = torch.zeros(b, l, dtype=torch.bool, device="cuda")
+    kpm[1, 25:] = True
+    rows = torch.tensor([[0, 39], [3, 39]], device="cuda")
+    out, probs = cuda_backend.attention(q, k, v, spec_of(q, k, v, key_padding_mask=kpm,
+                                                         probe_rows=rows))
+    assert torch.all(out[0] == 0) and torch.all(out[1, :, :25] == 0)
+    assert torch.all(probs[0] == 0) and torch.all(probs[1, :, 0] == 0)
+    torch.testing.assert_close(probs[1, :, 1].sum(-1), torch.ones(h, device="cuda"))
+    (out.float().sum() + probs.sum()).backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+
+
+@pytest.mark.gpu
+def test_cuda_gpu_large_logits_fp16():
+    g = torch.Generator().manual_seed(11)
+    q = (torch.randn(1, 2, 300, 64, generator=g) * 25).half().cuda()
+    k = (torch.randn(1, 2, 300, 64, generator=g) * 25).half().cuda()
+    v = torch.randn(1, 2, 300, 64, generator=g).half().cuda()
+    rows = torch.tensor([[299, 3]], device="cuda")
+    out, probs = cuda_backend.attention(q, k, v, spec_of(q, k, v, scale=0.125, probe_rows=rows))
+    ref_o, _, ref_p = attention_reference(q.double(), k.double(), v.double(), scale=0.125,
+                                          probe_rows=rows)
+    assert torch.isfinite(out).all() and torch.isfinite(probs).all()
+    assert rel_err(probs.double(), ref_p) < 1e-2 and rel_err(out.double(), ref_o) < 1e-2
+
+
+@pytest.mark.gpu
+def test_cuda_gpu_auto_falls_back_when_triton_is_unusable(monkeypatch):
+    import abft_fast
+    from abft_fast.ops import attention as api
+    monkeypatch.setattr(api, "_broken", {})
+    monkeypatch.setattr(api, "triton_available", lambda dev: (False, "Triton disabled by the test"))
+    calls = []
+    real = cuda_backend.attention
+
+    def spy(*a):
+        calls.append(1)
+        return real(*a)
+    monkeypatch.setattr(cuda_backend, "attention", spy)
+    q, k, v = (torch.randn(2, 4, 50, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    kpm = torch.ones(2, 50, dtype=torch.bool, device="cuda")
+    kpm[0, :7] = False  # padding: auto's engine order is triton, cuda, torch
+    with pytest.warns(RuntimeWarning, match="not using 'triton'.*disabled by the test"):
+        out, _ = abft_fast.attention(q, k, v, key_padding_mask=kpm, backend="auto")
+    assert calls == [1]
+    ref, _ = abft_fast.attention(q, k, v, key_padding_mask=kpm, backend="torch")
+    assert rel_err(out.double(), ref.double()) < 5e-3
