@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 
-import benchlib as BL
+import benchlib
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,7 +97,7 @@ def _gather_probs(p, rows, cols):
 class OpCase:
     """Inputs and the callables of one (method, mode, probes, shape)."""
 
-    def __init__(self, method, mode, probes, s: BL.OpShape, dev, compile_flex=True):
+    def __init__(self, method, mode, probes, s: benchlib.OpShape, dev, compile_flex=True):
         self.method, self.mode, self.probes, self.s, self.dev = method, mode, probes, s, dev
         self.compile_flex = compile_flex and dev.type == "cuda"
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -185,19 +185,19 @@ class OpCase:
         if self.mode == "fwd":
             def target():
                 res = self.forward()
-                BL.sync(dev)
+                benchlib.sync(dev)
                 return res
             return None, target
         if self.mode == "bwd":
             def setup():
                 self._clear()
                 res = self.forward()
-                BL.sync(dev)
+                benchlib.sync(dev)
                 return res, {}
 
             def target(out, probs):
                 self._backward(out, probs)
-                BL.sync(dev)
+                benchlib.sync(dev)
                 return self.grads()
             return setup, target
 
@@ -207,7 +207,7 @@ class OpCase:
         def target():
             out, probs = self.forward()
             self._backward(out, probs)
-            BL.sync(dev)
+            benchlib.sync(dev)
             return self.grads()
         return setup, target
 
@@ -269,14 +269,14 @@ class OpCase:
 
 def test_attention(op_case, benchmark, recorder):
     method, mode, probes, s = op_case
-    dev = BL.device()
+    dev = benchlib.device()
     why = _method_unavailable(method, dev)
     if why:
         pytest.skip(why)
     if method == "flex" and dev.type == "cpu" and mode != "fwd":
         pytest.skip("FlexAttention has no CPU backward")
     benchmark.group = f"{mode} {s.id}"
-    flops = BL.attention_flops(s, mode)
+    flops = benchlib.attention_flops(s, mode)
     row = dict(method=method, mode=mode, probes=probes, dtype=s.dtype, B=s.B, Hq=s.Hq, Hkv=s.Hkv,
                L=s.L, D=s.D, R=s.R if probes else "", C=("all" if s.C is None else s.C)
                if probes else "", causal=s.causal, status="ok", note="")
@@ -289,23 +289,23 @@ def test_attention(op_case, benchmark, recorder):
             try:
                 case.once()
             except RuntimeError as e:
-                if BL.is_oom(e) or s.Hq == s.Hkv:
+                if benchlib.is_oom(e) or s.Hq == s.Hkv:
                     raise
                 case.expand_kv()  # this SDPA backend has no GQA kernel: give it Hq k/v heads
                 row["note"] = "k/v expanded to Hq heads"
         if recorder.timing:
             case.once()  # first call: compile / autotune, outside the timing
             case.check(smoke)
-            t = BL.wall(case.once, dev)
-            rounds = BL.rounds_for(t, "ABFT_BENCH_SECONDS", 1.0, 3, 100)
+            t = benchlib.wall(case.once, dev)
+            rounds = benchlib.rounds_for(t, "ABFT_BENCH_SECONDS", 1.0, 3, 100)
         else:
             rounds = 1
         setup, target = case.callables()
-        _, stats = BL.timed_pedantic(benchmark, target, setup, dev, rounds,
+        _, stats = benchlib.timed_pedantic(benchmark, target, setup, dev, rounds,
                                      warmup_rounds=1 if recorder.timing else 0, above_current=True)
         case.check(smoke)
     except RuntimeError as e:
-        if BL.is_oom(e):
+        if benchlib.is_oom(e):
             oom = True
         elif method.startswith("sdpa_") and any(w in str(e).lower()
                                                 for w in ("kernel", "backend")):
@@ -318,7 +318,7 @@ def test_attention(op_case, benchmark, recorder):
         pytest.skip(skip)
     if oom:
         case = None
-        BL.free_memory()
+        benchlib.free_memory()
         recorder.add("attention", **{**row, "status": "oom"})
         pytest.skip(f"out of memory: {method} {mode} {s.id}")
     del case

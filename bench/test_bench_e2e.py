@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import time
 
-import benchlib as BL
+import benchlib
 import pytest
 import torch
 
@@ -63,18 +63,18 @@ def _register_sdpa_probe():
     AttentionMaskInterface.register(SDPA_PROBE, AttentionMaskInterface._global_mapping["sdpa"])
 
 
-def _model(s: BL.E2EShape, dev):
+def _model(s: benchlib.E2EShape, dev):
     key = (s.model, s.dtype)
     if _state["key"] != key:
         _state["model"] = None
-        BL.free_memory()
+        benchlib.free_memory()
         from transformers import AutoModelForCausalLM, LlamaConfig
-        cfg = LlamaConfig(**BL.LLAMA_CONFIGS[s.model], max_position_embeddings=131072,
+        cfg = LlamaConfig(**benchlib.LLAMA_CONFIGS[s.model], max_position_embeddings=131072,
                           rope_theta=500000.0)
         torch.manual_seed(0)
         with torch.device(dev):
             model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager",
-                                                     dtype=BL.DTYPES[s.dtype])
+                                                     dtype=benchlib.DTYPES[s.dtype])
         model.train()
         for name, p in model.named_parameters():
             p.requires_grad_(name.endswith(("q_proj.weight", "k_proj.weight")))
@@ -153,7 +153,7 @@ def probe_forward(method, model):
     return fn
 
 
-def make_batch(s: BL.E2EShape, vocab, dev):
+def make_batch(s: benchlib.E2EShape, vocab, dev):
     """Random tokens; probe row = last token; columns = k label positions spread over the prompt,
     alternately correct / wrong."""
     g = torch.Generator().manual_seed(s.L)
@@ -169,7 +169,7 @@ def make_batch(s: BL.E2EShape, vocab, dev):
 
 def test_abft_step(e2e_case, benchmark, recorder):
     method, s = e2e_case
-    dev = BL.device()
+    dev = benchlib.device()
     ah, abft_loss = _hf()
     if method == "abft_cuda" and dev.type != "cuda":
         pytest.skip("abft_fast backend 'cuda' needs a CUDA GPU")
@@ -177,7 +177,7 @@ def test_abft_step(e2e_case, benchmark, recorder):
     if first is not None and s.L > first:
         pytest.skip(f"{method} ran out of memory at L={first} already")
     benchmark.group = f"e2e {s.id}"
-    BL.free_memory()
+    benchlib.free_memory()
     row = dict(model=s.model, method=method, dtype=s.dtype, B=s.B, L=s.L, status="ok", note="")
     oom = False
     try:
@@ -199,7 +199,7 @@ def test_abft_step(e2e_case, benchmark, recorder):
                              use_filter=False).loss
             loss.backward()
             opt.step()
-            BL.sync(dev)
+            benchlib.sync(dev)
             out.update(probs_shape=tuple(probs.shape), loss=loss.detach())
             return loss
 
@@ -208,11 +208,11 @@ def test_abft_step(e2e_case, benchmark, recorder):
             step()  # first step: compile / autotune, Adam state; outside the timing
             t = time.perf_counter() - t0
             if t < 5.0:  # the first step may be mostly compilation: time a second one
-                t = BL.wall(step, dev)
-            rounds = BL.rounds_for(t, "ABFT_BENCH_E2E_SECONDS", 5.0, 2, 20)
+                t = benchlib.wall(step, dev)
+            rounds = benchlib.rounds_for(t, "ABFT_BENCH_E2E_SECONDS", 5.0, 2, 20)
         else:
             rounds = 1
-        _, stats = BL.timed_pedantic(benchmark, step, None, dev, rounds, warmup_rounds=0)
+        _, stats = benchlib.timed_pedantic(benchmark, step, None, dev, rounds, warmup_rounds=0)
         hq = model.config.num_attention_heads
         assert out["probs_shape"] == (nl, s.B, hq, 1, s.k), out["probs_shape"]
         assert torch.isfinite(out["loss"]), "non-finite ABFT loss"
@@ -221,7 +221,7 @@ def test_abft_step(e2e_case, benchmark, recorder):
             assert torch.equal(before[1], other.detach()), "a frozen weight moved"
         del opt, qk, before, other
     except RuntimeError as e:
-        if not BL.is_oom(e):
+        if not benchlib.is_oom(e):
             raise
         oom = True
     finally:
@@ -233,7 +233,7 @@ def test_abft_step(e2e_case, benchmark, recorder):
         _first_oom[(s.model, method)] = s.L
         opt = step = fwd = None  # noqa: F841  (drop the references before freeing memory)
         qk = before = other = None  # noqa: F841
-        BL.free_memory()
+        benchlib.free_memory()
         recorder.add("e2e", **{**row, "status": "oom"})
         pytest.skip(f"out of memory: {method} {s.id}")
     if stats:
@@ -248,8 +248,8 @@ def test_e2e_methods_agree(recorder):
     if recorder.sizes != "smoke":
         pytest.skip("agreement is checked at smoke sizes only")
     ah, _ = _hf()
-    dev = BL.device()
-    s = BL.E2EShape("tiny", "fp32", 2, 32)
+    dev = benchlib.device()
+    s = benchlib.E2EShape("tiny", "fp32", 2, 32)
     model = _model(s, dev)
     ids, rows, cols, *_ = make_batch(s, model.config.vocab_size, dev)
     ref = probe_forward("eager", model)(ids, rows, cols)

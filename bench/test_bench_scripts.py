@@ -9,7 +9,7 @@ import importlib.util
 from pathlib import Path
 
 import bench_record as R
-import benchlib as BL
+import benchlib
 import pytest
 
 HERE = Path(__file__).resolve().parent
@@ -55,33 +55,33 @@ def made_up_rows():
 
 
 def test_flops_formula():
-    s = BL.OpShape("bf16", 2, 3, 3, 8, 4, 1, 1, causal=True)
-    assert BL.attention_flops(s, "fwd") == 4 * 2 * 3 * 8 * 8 * 4 / 2
-    assert BL.attention_flops(s, "bwd") == 2.5 * BL.attention_flops(s, "fwd")
-    assert BL.attention_flops(s, "both") == 3.5 * BL.attention_flops(s, "fwd")
+    s = benchlib.OpShape("bf16", 2, 3, 3, 8, 4, 1, 1, causal=True)
+    assert benchlib.attention_flops(s, "fwd") == 4 * 2 * 3 * 8 * 8 * 4 / 2
+    assert benchlib.attention_flops(s, "bwd") == 2.5 * benchlib.attention_flops(s, "fwd")
+    assert benchlib.attention_flops(s, "both") == 3.5 * benchlib.attention_flops(s, "fwd")
 
 
 def test_size_sets(monkeypatch):
     for var in ("ABFT_BENCH_METHODS", "ABFT_BENCH_MODES", "ABFT_BENCH_L", "ABFT_BENCH_MODELS",
                 "ABFT_BENCH_DTYPES"):
         monkeypatch.delenv(var, raising=False)
-    gpu = BL.op_cases("gpu")
-    ids = [BL.op_case_id(c) for c in gpu]
+    gpu = benchlib.op_cases("gpu")
+    ids = [benchlib.op_case_id(c) for c in gpu]
     assert len(ids) == len(set(ids))
     main = {s for m, mode, p, s in gpu if s.R == 1 and s.C == 64}
     assert {s.L for s in main} == {1024, 4096, 16384, 32768}
     assert {s.D for s in main} == {64, 128} and {s.dtype for s in main} == {"bf16"}
     assert all(s.B * s.L == max(16384, s.L) for s in main)
     assert {(m, mode, p) for m, mode, p, _ in gpu} >= {
-        (m, mode, p) for m in BL.ABFT_METHODS + ("flex", "eager") for mode in BL.MODES
+        (m, mode, p) for m in benchlib.ABFT_METHODS + ("flex", "eager") for mode in benchlib.MODES
         for p in (False, True)}
-    assert {m for m, *_ in gpu} == set(BL.OP_METHODS)
-    e2e = BL.e2e_cases("gpu")
+    assert {m for m, *_ in gpu} == set(benchlib.OP_METHODS)
+    e2e = benchlib.e2e_cases("gpu")
     assert {s.L for _, s in e2e} == {512 * 2 ** i for i in range(9)}
     assert {s.model for _, s in e2e} == {"llama-1b", "llama-8b"}
     monkeypatch.setenv("ABFT_BENCH_METHODS", "abft_triton,sdpa_flash")
     monkeypatch.setenv("ABFT_BENCH_L", "4096")
-    sub = BL.op_cases("gpu")
+    sub = benchlib.op_cases("gpu")
     assert sub and {m for m, *_ in sub} == {"abft_triton", "sdpa_flash"}
     assert {s.L for *_, s in sub} == {4096}
 
@@ -169,7 +169,7 @@ def test_attention_oom_is_recorded(monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory (made up)")
     monkeypatch.setattr(TA.OpCase, "forward", oom)
     rec = _Rec()
-    s = BL.OpShape("fp32", 1, 2, 1, 32, 16, 1, 4)
+    s = benchlib.OpShape("fp32", 1, 2, 1, 32, 16, 1, 4)
     with pytest.raises(pytest.skip.Exception, match="out of memory"):
         TA.test_attention(("eager", "both", True, s), _Bench(), rec)
     assert rec.rows == [("attention", rec.rows[0][1])] and rec.rows[0][1]["status"] == "oom"
@@ -188,10 +188,10 @@ def test_e2e_oom_skips_longer_sequences(monkeypatch):
     monkeypatch.setattr(TE, "_first_oom", {})
     rec = _Rec()
     with pytest.raises(pytest.skip.Exception, match="out of memory"):
-        TE.test_abft_step(("eager", BL.E2EShape("tiny", "fp32", 1, 32)), _Bench(), rec)
+        TE.test_abft_step(("eager", benchlib.E2EShape("tiny", "fp32", 1, 32)), _Bench(), rec)
     assert [r["status"] for _, r in rec.rows] == ["oom"] and rec.rows[0][0] == "e2e"
     with pytest.raises(pytest.skip.Exception, match="at L=32 already"):
-        TE.test_abft_step(("eager", BL.E2EShape("tiny", "fp32", 1, 64)), _Bench(), rec)
+        TE.test_abft_step(("eager", benchlib.E2EShape("tiny", "fp32", 1, 64)), _Bench(), rec)
     assert len(rec.rows) == 1
 
 

@@ -107,7 +107,7 @@ def run_cell(model_name, dataset, variant, seed, args):
     import torch
 
     from abft_fast import hf
-    from abft_fast.abft import data as D
+    from abft_fast.abft import data
     from abft_fast.abft.cli import load_model
     from abft_fast.abft.evaluate import evaluate
     from abft_fast.abft.trainer import TrainConfig, train
@@ -116,7 +116,7 @@ def run_cell(model_name, dataset, variant, seed, args):
     hf.set_backend(args.backend)
     t0 = time.perf_counter()
     model, tok = load_model(model_name)
-    task = D.load_task(dataset, args.k)
+    task = data.load_task(dataset, args.k)
     prog = not args.no_progress
     out = {"model": model_key(model_name), "dataset": dataset, "variant": variant, "seed": seed}
     if variant != "icl":

@@ -9,7 +9,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-import abft_fast.kernels.attention as K
+import abft_fast.kernels.attention as kernels
 
 PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 
@@ -41,8 +41,8 @@ def compile_all(cc: int, dtypes=("bf16", "fp16", "fp32"), dims=(64, 128, 256)):
         for d in dims:
             for name, kind in (("_fwd_kernel", "fwd"), ("_bwd_dkdv_kernel", "dkdv"),
                                ("_bwd_dq_kernel", "dq")):
-                fn = getattr(K, name)
-                bm, bn, warps, stages = K._cfg_for(d, cc // 10, kind, dtype == "fp32")
+                fn = getattr(kernels, name)
+                bm, bn, warps, stages = kernels._cfg_for(d, cc // 10, kind, dtype == "fp32")
                 consts = dict(CAUSAL=True, WINDOW=0, HAS_KPM=True, BLOCK_M=bm, BLOCK_N=bn,
                               BLOCK_D=d, PREC="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
                 src = ASTSource(fn, signature(fn, dtype, consts), consts)

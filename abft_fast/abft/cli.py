@@ -91,14 +91,14 @@ def _setup(args):
 
 
 def cmd_eval(args):
-    from . import data as D
+    from . import data
     from .evaluate import evaluate
     from .trainer import load_qk
     _setup(args)
     model, tok = load_model(args.model, args.dtype)
     if args.weights:
         model = load_qk(model, args.weights)
-    task = D.load_task(args.dataset, args.k)
+    task = data.load_task(args.dataset, args.k)
     res = evaluate(model, tok, task, args.eval_queries, args.eval_batch, args.robustness_queries,
                    progress=not args.no_progress)
     print(f"{task.name}: accuracy {res['accuracy']:.4f}  macro-F1 {res['macro_f1']:.4f}  "
@@ -112,8 +112,7 @@ def cmd_eval(args):
 
 
 def cmd_train(args, title="ABFT"):
-    from . import data as D
-    from . import plots
+    from . import data, plots
     from .evaluate import evaluate
     from .trainer import TrainConfig, save_qk, train
     t_all = time.perf_counter()
@@ -128,7 +127,7 @@ def cmd_train(args, title="ABFT"):
     t = time.perf_counter()
     model, tok = load_model(args.model, args.dtype)
     load_s = time.perf_counter() - t
-    task = D.load_task(args.dataset, args.k)
+    task = data.load_task(args.dataset, args.k)
     prog = not args.no_progress
     print(f"{title}: {args.model} on {task.name} ({len(task.label_words)} labels), "
           f"k={args.k}, {cfg.steps} steps x {cfg.batch} samples, lr {cfg.lr}", flush=True)

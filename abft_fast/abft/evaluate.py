@@ -13,7 +13,7 @@ from collections import Counter
 import torch
 
 from .. import hf
-from . import data as D
+from . import data
 from .params import unwrap
 
 
@@ -43,7 +43,7 @@ def score_prompts(model, tokenizer, prompts, label_ids, batch=8, probe=True, pro
     if bias is not None:
         bias = bias[torch.tensor(label_ids, device=device)]
     cap = getattr(lm.config, "final_logit_softcapping", None)
-    enc = D.encode(tokenizer, prompts)
+    enc = data.encode(tokenizer, prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = sorted(range(len(enc)), key=lambda i: len(enc[i].input_ids))
     logits = torch.zeros(len(enc), len(label_ids))
@@ -55,7 +55,7 @@ def score_prompts(model, tokenizer, prompts, label_ids, batch=8, probe=True, pro
     try:
         for s in tqdm(range(0, len(order), batch), desc=desc, unit="batch", disable=not progress):
             idx = order[s:s + batch]
-            b = D.collate([enc[i] for i in idx], pad).to(device)
+            b = data.collate([enc[i] for i in idx], pad).to(device)
             if probe:
                 with hf.probe(lm, rows=b.rows, cols=b.cols) as rec:
                     h = base(input_ids=b.input_ids, attention_mask=b.attention_mask,
@@ -112,14 +112,14 @@ def consistency(preds, group):
     return sum(out) / len(out)
 
 
-def evaluate(model, tokenizer, task: D.Task, n_queries=None, batch=8, robustness_queries=0,
+def evaluate(model, tokenizer, task: data.Task, n_queries=None, batch=8, robustness_queries=0,
              progress=True, probe=True):
     """The paper's protocol on ``task``: ``n_queries`` (default 512) fixed test queries x 2
     demonstration samplings. ``robustness_queries`` > 0 adds StaICC's consistency across its 9
     templates and across 8 demonstration samplings on that many queries."""
     t0 = time.perf_counter()
-    label_ids = D.label_token_ids(tokenizer, task.label_words, task.template.label_prefix)
-    prompts = D.eval_prompts(task, n_queries)
+    label_ids = data.label_token_ids(tokenizer, task.label_words, task.template.label_prefix)
+    prompts = data.eval_prompts(task, n_queries)
     logits, mass = score_prompts(model, tokenizer, prompts, label_ids, batch, probe, progress,
                                  desc=f"eval {task.name}")
     pred = logits.argmax(1).tolist()
@@ -137,10 +137,10 @@ def evaluate(model, tokenizer, task: D.Task, n_queries=None, batch=8, robustness
         "attention_mass": mass,
     }
     if robustness_queries:
-        tp = D.template_prompts(task, robustness_queries)
+        tp = data.template_prompts(task, robustness_queries)
         tl = _template_predictions(model, tokenizer, task, tp, batch, progress)
-        res["template_consistency"] = consistency(tl, len(D.L9))
-        dp = D.demo_sampling_prompts(task, robustness_queries)
+        res["template_consistency"] = consistency(tl, len(data.L9))
+        dp = data.demo_sampling_prompts(task, robustness_queries)
         dl, _ = score_prompts(model, tokenizer, dp, label_ids, batch, False, progress,
                               desc=f"demo consistency {task.name}")
         res["demo_consistency"] = consistency(dl.argmax(1).tolist(), 8)
@@ -151,11 +151,11 @@ def evaluate(model, tokenizer, task: D.Task, n_queries=None, batch=8, robustness
 
 def _template_predictions(model, tokenizer, task, prompts, batch, progress):
     # Label ids depend on the template's label prefix; score each template's prompts with its own.
-    temps = D.template_variants(task)
+    temps = data.template_variants(task)
     preds = [None] * len(prompts)
     for t_i, t in enumerate(temps):
         idx = list(range(t_i, len(prompts), len(temps)))
-        ids = D.label_token_ids(tokenizer, task.label_words, t.label_prefix)
+        ids = data.label_token_ids(tokenizer, task.label_words, t.label_prefix)
         lg, _ = score_prompts(model, tokenizer, [prompts[i] for i in idx], ids, batch, False,
                               progress, desc=f"template {t_i + 1}/9")
         for i, p in zip(idx, lg.argmax(1).tolist()):

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import data as D
+from . import data
 from .config import TrainConfig
 from .loss import abft_loss
 from .objective import ProbeForward
@@ -62,7 +62,7 @@ class StepSums:
                 "seconds": seconds}
 
 
-def train(model, tokenizer, task: D.Task, cfg: TrainConfig, progress=True, accelerator=None):
+def train(model, tokenizer, task: data.Task, cfg: TrainConfig, progress=True, accelerator=None):
     """ABFT on ``task``'s pool prompts. Returns a ``TrainResult``; trains ``model`` in place."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -71,9 +71,9 @@ def train(model, tokenizer, task: D.Task, cfg: TrainConfig, progress=True, accel
     if cfg.lora:
         model = add_lora(model, cfg.lora_r)
     freeze_all_but_qk(model)
-    prompts = D.training_prompts(task, cfg.train_prompts, cfg.k, cfg.seed)
-    label_ids = D.label_token_ids(tokenizer, task.label_words, task.template.label_prefix)
-    encoded = D.encode(tokenizer, prompts, label_ids=label_ids)
+    prompts = data.training_prompts(task, cfg.train_prompts, cfg.k, cfg.seed)
+    label_ids = data.label_token_ids(tokenizer, task.label_words, task.template.label_prefix)
+    encoded = data.encode(tokenizer, prompts, label_ids=label_ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     n_micro = cfg.batch // cfg.micro_batch
@@ -119,7 +119,7 @@ def train(model, tokenizer, task: D.Task, cfg: TrainConfig, progress=True, accel
             items = step_items[j * cfg.micro_batch:(j + 1) * cfg.micro_batch]
             if j % acc.num_processes != acc.process_index:
                 continue
-            b = D.collate(items, pad).to(acc.device)
+            b = data.collate(items, pad).to(acc.device)
             with acc.accumulate(objective):
                 probs = objective(b.input_ids, b.attention_mask, b.rows, b.cols)
                 valid = b.cols >= 0

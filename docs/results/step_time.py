@@ -10,8 +10,8 @@ import time
 
 import torch
 
-from abft_fast import data as D
-from abft_fast import trainer as T
+from abft_fast import data
+from abft_fast import trainer
 from abft_fast.cli import load_model
 from abft_fast.loss import abft_loss
 
@@ -22,15 +22,15 @@ ap.add_argument("--micro-batch", type=int, default=1)
 ap.add_argument("--reps", type=int, default=6)
 args = ap.parse_args()
 model, tok = load_model(args.model)
-T.freeze_all_but_qk(model)
-task = D.load_task(args.dataset)
-enc = D.encode(tok, D.training_prompts(task, args.micro_batch * (args.reps + 1), 4, seed=0))
+trainer.freeze_all_but_qk(model)
+task = data.load_task(args.dataset)
+enc = data.encode(tok, data.training_prompts(task, args.micro_batch * (args.reps + 1), 4, seed=0))
 times = {True: [], False: []}
 for r in range(args.reps + 1):
-    b = D.collate(enc[r * args.micro_batch:(r + 1) * args.micro_batch], tok.pad_token_id)
+    b = data.collate(enc[r * args.micro_batch:(r + 1) * args.micro_batch], tok.pad_token_id)
     for stop in (True, False) if r % 2 else (False, True):
         t = time.perf_counter()
-        probs = T.ProbeForward(model, stop)(b.input_ids, b.attention_mask, b.rows, b.cols)
+        probs = trainer.ProbeForward(model, stop)(b.input_ids, b.attention_mask, b.rows, b.cols)
         abft_loss(probs, b.correct, b.cols >= 0, b.lengths, use_filter=False).loss.backward()
         model.zero_grad(set_to_none=True)
         if r:  # the first round warms up

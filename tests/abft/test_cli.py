@@ -4,14 +4,13 @@ import json
 import pytest
 from tokenizers_offline import save_tiny_llama
 
-from abft_fast.abft import cli
-from abft_fast.abft import data as D
+from abft_fast.abft import cli, data
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-llama")
-    task = D.load_task("sst2")
+    task = data.load_task("sst2")
     save_tiny_llama(d, [" ".join(e.inputs) for e in task.pool])
     return str(d)
 

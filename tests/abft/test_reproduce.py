@@ -114,10 +114,10 @@ def test_real_cell_on_tiny_model(tmp_path, monkeypatch):
     """The real runner on a tiny random Llama: one ICL and one ABFT cell, then a resumed run."""
     from tokenizers_offline import save_tiny_llama
 
-    from abft_fast.abft import data as D
-    task = D.load_task("sst2")
+    from abft_fast.abft import data
+    task = data.load_task("sst2")
     # Reading StaICC's data set takes seconds; the runner loads it once per cell: reuse this one.
-    monkeypatch.setattr(D, "load_task", lambda name, k=4: task)
+    monkeypatch.setattr(data, "load_task", lambda name, k=4: task)
     d = tmp_path / "tiny-llama"
     save_tiny_llama(d, [" ".join(e.inputs) for e in task.pool])
     out = tmp_path / "res"

@@ -6,14 +6,13 @@ from tokenizers_offline import gpt2_style
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import abft_fast.hf  # noqa: F401  (registers attn_implementation "abft_fast")
-from abft_fast.abft import data as D
-from abft_fast.abft import trainer as T
+from abft_fast.abft import data, trainer
 from abft_fast.abft.loss import abft_loss
 
 
 @pytest.fixture(scope="module")
 def task():
-    return D.load_task("sst2")
+    return data.load_task("sst2")
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +40,10 @@ def snapshot(model):
 
 
 def batch_loss(model, tok, task, n=8, a=0.5, use_filter=False):
-    enc = D.encode(tok, D.training_prompts(task, n, 4, seed=0))
-    b = D.collate(enc, tok.pad_token_id)
+    enc = data.encode(tok, data.training_prompts(task, n, 4, seed=0))
+    b = data.collate(enc, tok.pad_token_id)
     with torch.no_grad():
-        probs = T.ProbeForward(model)(b.input_ids, b.attention_mask, b.rows, b.cols)
+        probs = trainer.ProbeForward(model)(b.input_ids, b.attention_mask, b.rows, b.cols)
     return abft_loss(probs, b.correct, b.cols >= 0, b.lengths, A=a, use_filter=use_filter).loss.item()
 
 
@@ -52,14 +51,14 @@ def cfg(**kw):
     base = dict(train_prompts=8, steps=1, batch=8, micro_batch=4, lr=5e-3, use_filter=False,
                 use_pid=False, seed=0)
     base.update(kw)
-    return T.TrainConfig(**base)
+    return trainer.TrainConfig(**base)
 
 
 def test_llama_step_lowers_loss_and_moves_only_qk(task, tok):
     model = llama(tok)
     before = snapshot(model)
     loss0 = batch_loss(model, tok, task)
-    res = T.train(model, tok, task, cfg(), progress=False)
+    res = trainer.train(model, tok, task, cfg(), progress=False)
     assert len(res.history) == 1 and res.history[0]["loss"] == pytest.approx(loss0, rel=1e-5)
     assert batch_loss(model, tok, task) < loss0
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
@@ -72,7 +71,7 @@ def test_llama_step_lowers_loss_and_moves_only_qk(task, tok):
 def test_gpt2_fused_c_attn_moves_only_q_and_k_thirds(task, tok):
     model = gpt2(tok)
     before = snapshot(model)
-    T.train(model, tok, task, cfg(steps=2), progress=False)
+    trainer.train(model, tok, task, cfg(steps=2), progress=False)
     e = model.config.n_embd
     for n, p in model.named_parameters():
         if n.endswith("c_attn.weight"):   # Conv1D: [in, 3E], output columns [Q | K | V]
@@ -89,13 +88,13 @@ def test_gpt2_fused_c_attn_moves_only_q_and_k_thirds(task, tok):
 def test_save_and_reload_round_trip(task, tok, tmp_path):
     for make in (llama, gpt2):
         model = make(tok)
-        T.train(model, tok, task, cfg(), progress=False)
+        trainer.train(model, tok, task, cfg(), progress=False)
         path = tmp_path / f"{make.__name__}.safetensors"
-        T.save_qk(model, path)
+        trainer.save_qk(model, path)
         fresh = make(tok, seed=1)  # different init: everything must come from the file for q/k
         ref = snapshot(fresh)
-        fresh = T.load_qk(fresh, path)
-        for q in T.qk_parameters(model):
+        fresh = trainer.load_qk(fresh, path)
+        for q in trainer.qk_parameters(model):
             got = dict(fresh.named_parameters())[q.name]
             if q.keep is None:
                 assert torch.equal(got, q.param)
@@ -105,13 +104,13 @@ def test_save_and_reload_round_trip(task, tok, tmp_path):
                 rest = got.shape[dim] - stop
                 assert torch.equal(got.narrow(dim, stop, rest), ref[q.name].narrow(dim, stop, rest))
         with pytest.raises(ValueError, match="do not match"):
-            T.load_qk((gpt2 if make is llama else llama)(tok), path)
+            trainer.load_qk((gpt2 if make is llama else llama)(tok), path)
 
 
 def test_lora_trains_only_adapters_and_reloads(task, tok, tmp_path):
     model = llama(tok)
     before = snapshot(model)
-    res = T.train(model, tok, task, cfg(lora=True, lora_r=4, steps=2, lr=1e-2), progress=False)
+    res = trainer.train(model, tok, task, cfg(lora=True, lora_r=4, steps=2, lr=1e-2), progress=False)
     peft_model = res.model
     names = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert names and all("lora_" in n and ("q_proj" in n or "k_proj" in n) for n in names)
@@ -120,8 +119,8 @@ def test_lora_trains_only_adapters_and_reloads(task, tok, tmp_path):
         if "lora_" not in n:
             assert torch.equal(p, before[n.replace(".base_layer", "")]), n
     path = tmp_path / "lora.safetensors"
-    T.save_qk(peft_model, path)
-    again = T.load_qk(llama(tok), path)
+    trainer.save_qk(peft_model, path)
+    again = trainer.load_qk(llama(tok), path)
     ids = torch.randint(0, len(tok), (1, 12))
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, peft_model(input_ids=ids).logits)
@@ -129,7 +128,7 @@ def test_lora_trains_only_adapters_and_reloads(task, tok, tmp_path):
 
 def test_lora_on_gpt2_c_attn_leaves_v_untouched(task, tok):
     model = gpt2(tok)
-    res = T.train(model, tok, task, cfg(lora=True, lora_r=4, steps=2, lr=1e-2), progress=False)
+    res = trainer.train(model, tok, task, cfg(lora=True, lora_r=4, steps=2, lr=1e-2), progress=False)
     e = model.config.n_embd
     bs = [p for n, p in res.model.named_parameters() if "c_attn.lora_B" in n]
     assert len(bs) == 2
@@ -140,25 +139,25 @@ def test_lora_on_gpt2_c_attn_leaves_v_untouched(task, tok):
 
 def test_stop_early_gives_the_same_probes(task, tok):
     model = llama(tok)
-    b = D.collate(D.encode(tok, D.training_prompts(task, 3, 4, seed=1)), tok.pad_token_id)
+    b = data.collate(data.encode(tok, data.training_prompts(task, 3, 4, seed=1)), tok.pad_token_id)
     with torch.no_grad():
-        early = T.ProbeForward(model, stop_early=True)(b.input_ids, b.attention_mask, b.rows, b.cols)
-        full = T.ProbeForward(model, stop_early=False)(b.input_ids, b.attention_mask, b.rows, b.cols)
+        early = trainer.ProbeForward(model, stop_early=True)(b.input_ids, b.attention_mask, b.rows, b.cols)
+        full = trainer.ProbeForward(model, stop_early=False)(b.input_ids, b.attention_mask, b.rows, b.cols)
     assert early.shape == full.shape == (2, 3, 4, 1, 4)
     assert torch.equal(early, full)
 
 
 def test_gradient_accumulation_matches_one_big_batch(task, tok):
     m1, m2 = llama(tok), llama(tok)
-    T.train(m1, tok, task, cfg(micro_batch=8), progress=False)
-    T.train(m2, tok, task, cfg(micro_batch=2), progress=False)
+    trainer.train(m1, tok, task, cfg(micro_batch=8), progress=False)
+    trainer.train(m2, tok, task, cfg(micro_batch=2), progress=False)
     for (n, p1), p2 in zip(m1.named_parameters(), m2.parameters()):
         torch.testing.assert_close(p1, p2, rtol=1e-4, atol=1e-6, msg=n)
 
 
 def test_pid_and_filter_are_wired(task, tok):
     model = llama(tok)
-    res = T.train(model, tok, task, cfg(steps=4, batch=4, micro_batch=4, use_pid=True,
+    res = trainer.train(model, tok, task, cfg(steps=4, batch=4, micro_batch=4, use_pid=True,
                                         use_filter=True), progress=False)
     # A random tiny model's heads spread attention thinly: none pass k / (k + ln n_t).
     assert [h["passing_heads"] for h in res.history] == [0.0] * 4
@@ -174,9 +173,9 @@ def test_pid_and_filter_are_wired(task, tok):
 ])
 def test_bad_config_is_named(bad, msg):
     with pytest.raises(ValueError, match=msg):
-        T.TrainConfig(**bad).check()
+        trainer.TrainConfig(**bad).check()
 
 
 def test_model_without_qk_is_rejected():
     with pytest.raises(ValueError, match="found no W_Q/W_K"):
-        T.qk_parameters(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+        trainer.qk_parameters(torch.nn.Sequential(torch.nn.Linear(2, 2)))

@@ -19,7 +19,7 @@ from cases import (
 from test_torch_backend import CASES
 
 import abft_fast
-from abft_fast.kernels import attention as K
+from abft_fast.kernels import attention as kernels
 from abft_fast.ops import triton_backend
 from abft_fast.ops.reference import attention_reference
 
@@ -98,7 +98,7 @@ def test_triton_tile_configs_match_reference(case, tiles, monkeypatch):
     inp = make_inputs(case, _fresh())
     ref = reference(case, inp)
     _poisoned_empty(monkeypatch)
-    with K.tiles(**tiles):
+    with kernels.tiles(**tiles):
         got = run(attention_fn("triton"), case, _on(inp, DEV), torch.float32)
     monkeypatch.undo()
     check_rel({n: t.cpu() for n, t in got.items()}, ref, 2e-4)
@@ -106,14 +106,14 @@ def test_triton_tile_configs_match_reference(case, tiles, monkeypatch):
 
 def test_tiles_override_is_scoped_and_checked():
     dev = torch.device("cpu")
-    default, default_fwd = (K._cfg(64, dev, kind, torch.float16) for kind in ("dq", "fwd"))
-    with K.tiles(dq=(32, 128, 4, 3)):
-        assert K._cfg(64, dev, "dq", torch.float16) == (32, 128, 4, 3)
-        assert K._cfg(64, dev, "fwd", torch.float16) == default_fwd
-        with K.tiles(dq=(64, 64, 8, 2)):
-            assert K._cfg(64, dev, "dq", torch.float16) == (64, 64, 8, 2)
-        assert K._cfg(64, dev, "dq", torch.float16) == (32, 128, 4, 3)
-    assert K._cfg(64, dev, "dq", torch.float16) == default
+    default, default_fwd = (kernels._cfg(64, dev, kind, torch.float16) for kind in ("dq", "fwd"))
+    with kernels.tiles(dq=(32, 128, 4, 3)):
+        assert kernels._cfg(64, dev, "dq", torch.float16) == (32, 128, 4, 3)
+        assert kernels._cfg(64, dev, "fwd", torch.float16) == default_fwd
+        with kernels.tiles(dq=(64, 64, 8, 2)):
+            assert kernels._cfg(64, dev, "dq", torch.float16) == (64, 64, 8, 2)
+        assert kernels._cfg(64, dev, "dq", torch.float16) == (32, 128, 4, 3)
+    assert kernels._cfg(64, dev, "dq", torch.float16) == default
     for bad, msg in [(dict(bwd=(16, 16, 4, 1)), "unknown kind"),
                      (dict(fwd=(16, 16, 4)), "tuple of 4 ints"),
                      (dict(fwd=(48, 16, 4, 1)), "BLOCK_M must be a power of two"),
@@ -121,9 +121,9 @@ def test_tiles_override_is_scoped_and_checked():
                      (dict(dq=(16, 16, 3, 1)), "num_warps"),
                      (dict(dq=(16, 16, 4, 0)), "num_stages")]:
         with pytest.raises(ValueError, match=msg):
-            with K.tiles(**bad):
+            with kernels.tiles(**bad):
                 pass
-    assert K._cfg(64, dev, "dq", torch.float16) == default
+    assert kernels._cfg(64, dev, "dq", torch.float16) == default
 
 
 @pytest.mark.parametrize("case", [Case(2, 4, 2, 29, 29, 32, padding="left", window=6),
