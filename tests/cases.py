@@ -37,6 +37,42 @@ class Case:
         return s
 
 
+# Random cases every backend runs (ids read as shapes: B-H(q x kv)-L(q x k)-D-mask-R-C).
+RANDOM_CASES = [
+    Case(1, 1, 1, 1, 1, 16, r=1, c=1, unused=False),             # L = 1
+    Case(2, 4, 4, 37, 37, 32),                                   # MHA, odd L
+    Case(2, 6, 2, 29, 29, 16, padding="left"),                   # GQA + left padding
+    Case(2, 4, 1, 33, 33, 64, padding="right", r=3, c=None),     # MQA + full-row probes
+    Case(2, 4, 2, 40, 40, 32, window=7, padding="left"),         # sliding window
+    Case(3, 2, 2, 23, 23, 16, causal=False, padding="random"),   # non-causal, random holes
+    Case(2, 4, 2, 9, 31, 32, padding="right"),                   # Lq < Lk (decode on a cache)
+    Case(2, 2, 1, 17, 17, 80, window=1, r=4, c=5),               # d = 80, window 1
+    Case(1, 3, 3, 50, 50, 16, r=None),                           # no probes
+    Case(2, 2, 2, 19, 19, 16, r=0, c=2),                         # empty probe set
+    Case(2, 2, 1, 21, 21, 16, scale=0.9, r=2, c=0),              # empty columns, custom scale
+]
+
+
+def fresh_generator() -> torch.Generator:
+    """A generator with a fresh seed (printed in the failure via the test's locals)."""
+    return torch.Generator().manual_seed(torch.seed() % 2**31)
+
+
+def poison_empty(monkeypatch):
+    """Every torch.empty made while the patch is active starts as NaN (or -1 for integers): an
+    element a kernel forgets to write shows up. Undo with monkeypatch.undo()."""
+    real = torch.empty
+
+    def empty(*a, **kw):
+        t = real(*a, **kw)
+        return t.fill_(float("nan") if t.dtype.is_floating_point else -1)
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def on_device(inp, dev):
+    return {n: (t.to(dev) if isinstance(t, torch.Tensor) else t) for n, t in inp.items()}
+
+
 def make_inputs(case: Case, gen: torch.Generator):
     """Float64 inputs (fresh random values, never zeros) plus random upstream gradients."""
     f = dict(dtype=torch.float64, generator=gen)

@@ -89,6 +89,7 @@ def _mask_parts(fn):
     return [fn]
 
 
+@torch._dynamo.assume_constant_result  # introspection: evaluated once when torch.compile traces
 def describe_mask_function(fn) -> tuple[bool, int | None]:
     """(causal, window) for the mask functions of ``transformers.masking_utils`` that abft_fast can
     express: ``causal_mask_function``, ``sliding_window_causal_mask_function(w)`` and
@@ -169,7 +170,9 @@ def mask_builder(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offse
         if kpm.shape[1] < end:  # keys beyond the 2-D mask (e.g. a static cache's free slots)
             kpm = torch.nn.functional.pad(kpm, (0, end - kpm.shape[1]), value=False)
         kpm = kpm[:, kv_offset:end]
-        if bool(kpm.all()):
+        # An all-true mask is no mask (the unmasked engines are faster). The check reads a value
+        # (one host sync per forward, not per layer); under torch.compile the mask is kept.
+        if not torch.compiler.is_compiling() and bool(kpm.all()):
             kpm = None
     return AbftMask(kpm, causal, window, batch_size, q_length, kv_length, int(q_offset),
                     int(kv_offset))

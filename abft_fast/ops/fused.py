@@ -152,7 +152,7 @@ def fused_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 @fused_attention_op.register_fake
 def _(q, k, v, key_padding_mask, probe_rows, probe_cols, causal, scale, window, engine):
     b, hq, lq, _ = q.shape
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = q.new_empty(q.shape)  # contiguous, as the engines write it
     lse = q.new_empty((b, hq, lq), dtype=torch.float32)
     if probe_rows is None:
         return out, lse, _no_probes(q)
@@ -176,7 +176,7 @@ def fused_attention_backward_op(
 @fused_attention_backward_op.register_fake
 def _(dout, dprobs, q, k, v, out, lse, probs, key_padding_mask, probe_rows, probe_cols, causal,
       scale, window, engine):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))  # contiguous
 
 
 def _setup_context(ctx, inputs, output):

@@ -93,7 +93,7 @@ def probe_rows_backward_op(dprobs: torch.Tensor, q: torch.Tensor, k: torch.Tenso
 
 @probe_rows_backward_op.register_fake
 def _(dprobs, q, k, probs, lse, key_padding_mask, probe_rows, probe_cols, causal, scale, window):
-    return torch.empty_like(q), torch.empty_like(k)
+    return q.new_empty(q.shape), k.new_empty(k.shape)  # contiguous, as the op returns them
 
 
 def _setup_context(ctx, inputs, output):

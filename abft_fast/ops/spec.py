@@ -130,10 +130,16 @@ def check_window(window, causal: bool) -> int | None:
     return int(window)
 
 
+def checks_on_host(device: torch.device) -> bool:
+    """Whether value checks read their result on the host (raise ValueError at once): on the CPU,
+    outside torch.compile. Elsewhere they are device asserts (``torch._assert_async``)."""
+    return device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def value_check(ok: torch.Tensor, message: str) -> None:
     """Raise ValueError(message) unless the bool scalar ``ok`` holds: at once on the CPU; as an
     asynchronous device assert on a GPU (no host synchronisation)."""
-    if ok.device.type == "cpu" and not torch.compiler.is_compiling():
+    if checks_on_host(ok.device):
         if not bool(ok):
             raise ValueError(message)
     else:
@@ -189,7 +195,7 @@ def check_index_values(name: str, t: torch.Tensor, upper: int | None) -> None:
         return
     ok = (t >= -1).all() if upper is None else ((t >= -1) & (t < upper)).all()
     rng = f"lie in [-1, {upper})" if upper is not None else "be >= -1"
-    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+    if checks_on_host(t.device):
         if not bool(ok):
             raise ValueError(f"{name} values must {rng} (-1 = unused slot); got min "
                              f"{int(t.min())}, max {int(t.max())}")

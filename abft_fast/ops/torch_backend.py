@@ -19,6 +19,7 @@ from .masks import visible
 from .probe_math import gather_slots, row_scores
 from .spec import AttentionSpec, probs_dtype
 
+BLOCK_ROWS = 128       # query rows per masked SDPA call
 MASK_BUDGET = 1 << 22  # elements of one query block's bool mask [B, block, band]
 
 
@@ -38,7 +39,7 @@ def output(q, k, v, spec: AttentionSpec):
         from torch.nn.attention.bias import causal_lower_right
         return F.scaled_dot_product_attention(q, k, v, causal_lower_right(spec.q_len, spec.k_len),
                                               scale=spec.scale, enable_gqa=gqa)
-    block = max(16, MASK_BUDGET // max(1, spec.batch * spec.k_len))
+    block = max(16, min(BLOCK_ROWS, MASK_BUDGET // max(1, spec.batch * spec.k_len)))
     parts = [_masked_block(q, k, v, spec, s, min(spec.q_len, s + block), gqa)
              for s in range(0, spec.q_len, block)]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)

@@ -1,23 +1,11 @@
 """Torch backend against the float64 reference: out, probs, dq, dk, dv."""
 import pytest
 import torch
+import torch.utils._python_dispatch
+from cases import RANDOM_CASES as CASES
 from cases import Case, attention_fn, check_rel, make_inputs, reference, run
 
 import abft_fast
-
-CASES = [
-    Case(1, 1, 1, 1, 1, 16, r=1, c=1, unused=False),             # L = 1
-    Case(2, 4, 4, 37, 37, 32),                                   # MHA, odd L
-    Case(2, 6, 2, 29, 29, 16, padding="left"),                   # GQA + left padding
-    Case(2, 4, 1, 33, 33, 64, padding="right", r=3, c=None),     # MQA + full-row probes
-    Case(2, 4, 2, 40, 40, 32, window=7, padding="left"),         # sliding window
-    Case(3, 2, 2, 23, 23, 16, causal=False, padding="random"),   # non-causal, random holes
-    Case(2, 4, 2, 9, 31, 32, padding="right"),                   # Lq < Lk (decode on a cache)
-    Case(2, 2, 1, 17, 17, 80, window=1, r=4, c=5),               # d = 80, window 1
-    Case(1, 3, 3, 50, 50, 16, r=None),                           # no probes
-    Case(2, 2, 2, 19, 19, 16, r=0, c=2),                         # empty probe set
-    Case(2, 2, 1, 21, 21, 16, scale=0.9, r=2, c=0),              # empty columns, custom scale
-]
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -65,3 +53,33 @@ def test_large_logits_fp16_are_finite():
     assert torch.isfinite(out).all() and torch.isfinite(probs).all()
     assert probs.dtype == torch.float32
     torch.testing.assert_close(probs.sum(-1), torch.ones(1, 2, 2), rtol=0, atol=1e-3)
+
+
+class _BoolSizes(torch.utils._python_dispatch.TorchDispatchMode):
+    """The largest bool tensor any op creates (masks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.bool:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("kw", [dict(padding="left"), dict(padding="right", window=64),
+                                dict(padding="random", causal=False)], ids=str)
+def test_torch_backend_never_builds_l_by_l(kw):
+    """Padding (and windows) without an L x L mask: B 2, L 1024 built a [2, 1024, 1024] mask
+    (2,097,152 elements) before; now every mask is a block of query rows x its key band. The
+    result still matches the float64 reference (checked in float64, so any error is a bug)."""
+    case = Case(2, 4, 2, 1024, 1024, 16, r=2, c=3, **kw)
+    inp = make_inputs(case, torch.Generator().manual_seed(torch.seed() % 2**31))
+    mode = _BoolSizes()
+    with mode:
+        got = run(attention_fn("torch"), case, inp, torch.float64)
+    assert mode.largest <= 2 * 128 * 1024 < 1024 * 1024
+    check_rel(got, reference(case, inp), 1e-10)

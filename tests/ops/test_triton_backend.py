@@ -5,6 +5,7 @@ float32 a relative error <= 2e-4 outright; out, lse, probs, dq, dk, dv.
 """
 import pytest
 import torch
+from cases import RANDOM_CASES as CASES
 from cases import (
     Case,
     attention_fn,
@@ -16,7 +17,9 @@ from cases import (
     run,
     spec_of,
 )
-from test_torch_backend import CASES
+from cases import fresh_generator as _fresh
+from cases import on_device as _on
+from cases import poison_empty as _poisoned_empty
 
 import abft_fast
 from abft_fast.kernels import attention as kernels
@@ -25,25 +28,6 @@ from abft_fast.ops.reference import attention_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _fresh():
-    return torch.Generator().manual_seed(torch.seed() % 2**31)
-
-
-def _on(inp, dev):
-    return {n: (t.to(dev) if isinstance(t, torch.Tensor) else t) for n, t in inp.items()}
-
-
-def _poisoned_empty(monkeypatch):
-    """Every torch.empty made during the call starts as NaN (or -1 for integers): an element the
-    kernels forget to write shows up."""
-    real = torch.empty
-
-    def empty(*a, **kw):
-        t = real(*a, **kw)
-        return t.fill_(float("nan") if t.dtype.is_floating_point else -1)
-    monkeypatch.setattr(torch, "empty", empty)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
