@@ -18,7 +18,7 @@ META_COLUMNS = ["run_id", "date", "device", "torch", "cuda", "triton", "transfor
 COLUMNS = {
     "attention": META_COLUMNS + [
         "method", "mode", "probes", "dtype", "B", "Hq", "Hkv", "L", "D", "R", "C", "causal",
-        "ms", "ms_min", "rounds", "tflops", "peak_mem_mb", "status", "note"],
+        "mask", "window", "ms", "ms_min", "rounds", "tflops", "peak_mem_mb", "status", "note"],
     "e2e": META_COLUMNS + [
         "model", "method", "dtype", "B", "L", "layers", "params_m", "ms", "ms_min", "rounds",
         "tokens_per_s", "peak_mem_mb", "status", "note"],

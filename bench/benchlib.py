@@ -5,7 +5,7 @@ Size sets (``--bench-sizes`` or ``$ABFT_BENCH_SIZES``):
   quick  one GPU shape per table (bf16, d 128, GQA 4, L 4k; Llama-1B step at L 512 and 4k).
   gpu    the full grid; the default on CUDA with timing on.
 Narrow any set with ``$ABFT_BENCH_METHODS`` / ``$ABFT_BENCH_MODES`` / ``$ABFT_BENCH_L`` /
-``$ABFT_BENCH_MODELS`` (comma lists) or with ``pytest -k``.
+``$ABFT_BENCH_MODELS`` / ``$ABFT_BENCH_MASKS`` (comma lists) or with ``pytest -k``.
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ import torch
 SIZE_SETS = ("smoke", "quick", "gpu")
 MODES = ("fwd", "bwd", "both")
 MODE_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "both": 3.5}
-ABFT_METHODS = ("abft_triton", "abft_cuda", "abft_torch")
+ABFT_METHODS = ("abft_auto", "abft_sdpa", "abft_triton", "abft_cuda", "abft_torch")
+MASKS = ("none", "pad-left", "pad-right", "window")  # every attention row names its mask
 SDPA_METHODS = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math")
 OP_METHODS = ABFT_METHODS + SDPA_METHODS + ("flex", "eager")
 E2E_METHODS = ("abft_triton", "abft_cuda", "abft_torch", "eager", "sdpa_recompute")
@@ -64,12 +65,16 @@ class OpShape:
     R: int
     C: int | None  # None = full probe rows (C = L)
     causal: bool = True
+    mask: str = "none"      # none | pad-left | pad-right (real lengths 50-100% of L) | window
+    window: int | None = None
 
     @property
     def id(self):
         c = "all" if self.C is None else self.C
+        m = "" if self.mask == "none" else f"-{self.mask}" + (
+            f"{self.window}" if self.mask == "window" else "")
         return (f"{self.dtype}-B{self.B}-H{self.Hq}-kv{self.Hkv}-L{self.L}-d{self.D}-R{self.R}"
-                f"-C{c}")
+                f"-C{c}{m}")
 
     @property
     def torch_dtype(self):
@@ -84,35 +89,46 @@ def attention_flops(s: OpShape, mode: str) -> float:
     return f * MODE_FLOP_FACTOR[mode]
 
 
-def _gpu_shape(L, D, gqa, R=1, C=64, dtype="bf16"):
+def _gpu_shape(L, D, gqa, R=1, C=64, dtype="bf16", mask="none", window=None):
     hq = 2048 // D  # model width 2048
-    return OpShape(dtype, max(1, 16384 // L), hq, hq // gqa, L, D, R, C)
+    return OpShape(dtype, max(1, 16384 // L), hq, hq // gqa, L, D, R, C, mask=mask, window=window)
+
+
+def _masked_shapes(Ls, D=128, gqa=4):
+    """Padded batches (left and right, random real lengths) and a sliding window (L / 4)."""
+    return ([_gpu_shape(L, D, gqa, mask=m) for L in Ls for m in ("pad-left", "pad-right")]
+            + [_gpu_shape(max(Ls), D, gqa, mask="window", window=max(Ls) // 4)])
 
 
 def op_cases(sizes: str) -> list:
     """[(method, mode, probes, OpShape)] of a size set, in run order."""
     if sizes == "smoke":
-        main = [OpShape("fp32", 1, 2, 1, 32, 16, 2, 4), OpShape("fp32", 2, 2, 2, 24, 16, 1, None)]
+        main = [OpShape("fp32", 1, 2, 1, 32, 16, 2, 4), OpShape("fp32", 2, 2, 2, 24, 16, 1, None),
+                OpShape("fp32", 2, 2, 1, 32, 16, 2, 4, mask="pad-left"),
+                OpShape("fp32", 2, 2, 1, 32, 16, 2, 4, mask="pad-right"),
+                OpShape("fp32", 1, 2, 1, 32, 16, 1, 4, mask="window", window=8)]
         sweep = []
     elif sizes == "quick":
-        main = [_gpu_shape(4096, 128, 4)]
+        main = [_gpu_shape(4096, 128, 4), _gpu_shape(16384, 128, 4)] + _masked_shapes([4096])
         sweep = [_gpu_shape(4096, 128, 4, R=16, C=1024)]
     else:
         dts = _env_list("ABFT_BENCH_DTYPES") or ["bf16"]
         main = [_gpu_shape(L, D, g, dtype=dt) for dt in dts for D in (64, 128) for g in (1, 4)
-                for L in (1024, 4096, 16384, 32768)]
-        sweep = [_gpu_shape(L, 128, 4, R=R, C=C) for L in (4096, 16384) for R in (1, 16)
-                 for C in (64, 1024, None) if (R, C) != (1, 64)]
+                for L in (1024, 4096, 16384, 32768)] + _masked_shapes([4096, 16384])
+        sweep = [_gpu_shape(L, 128, 4, R=R, C=C) for L in (4096, 16384) for R in (1, 4, 16, 64)
+                 for C in (64, 256, 1024, None) if (R, C) != (1, 64)]
     lens = _env_list("ABFT_BENCH_L")
     main = [s for s in main if lens is None or str(s.L) in lens]
     sweep = [s for s in sweep if lens is None or str(s.L) in lens]
     methods, modes = _keep(OP_METHODS, "ABFT_BENCH_METHODS"), _keep(MODES, "ABFT_BENCH_MODES")
     cases = [(m, mode, p, s) for s in main for mode in modes for m in methods for p in (False, True)
-             if not (m.startswith("sdpa_") and p)]  # SDPA + probe recompute = abft_torch
+             if not (m.startswith("sdpa_") and p)  # SDPA + probe recompute = abft_torch
+             and not (m == "abft_sdpa" and s.mask != "none")]  # the sdpa engine takes no mask
     # probe sweep: fused backends with probes, forward + backward
     cases += [(m, "both", True, s) for s in sweep for m in methods if m in ABFT_METHODS
               and "both" in modes]
-    return cases
+    masks = _env_list("ABFT_BENCH_MASKS")
+    return [c for c in cases if masks is None or c[3].mask in masks]
 
 
 def op_case_id(case) -> str:

@@ -36,12 +36,19 @@ def main_grid(rows):
     return [r for r in rows if r["probes"] != "1" or (r["R"], r["C"]) == rc], rc
 
 
+def mask_of(r) -> str:
+    """The row's mask ("none" for rows recorded before the column existed)."""
+    m = r.get("mask") or "none"
+    return m + (r.get("window") or "") if m == "window" else m
+
+
 def shape_key(r):
-    return (r["dtype"], r["D"], r["Hq"], r["Hkv"])
+    return (r["dtype"], r["D"], r["Hq"], r["Hkv"], mask_of(r))
 
 
 def point_key(r):
-    return (r["dtype"], r["D"], r["Hq"], r["Hkv"], r["mode"], r["L"], r["B"])
+    """Rows with equal keys are comparable: same shape, mode and mask."""
+    return (r["dtype"], r["D"], r["Hq"], r["Hkv"], r["mode"], r["L"], r["B"], mask_of(r))
 
 
 def best_sdpa(rows) -> dict:
@@ -80,13 +87,14 @@ def _axes_style(ax, xs, log_y):
 
 
 def panel_title(key):
-    dtype, d, hq, hkv = key
-    return f"{dtype}, d={d}, Hq={hq}, Hkv={hkv}"
+    dtype, d, hq, hkv = key[:4]
+    mask = key[4] if len(key) > 4 else "none"
+    return f"{dtype}, d={d}, Hq={hq}, Hkv={hkv}" + ("" if mask == "none" else f", {mask}")
 
 
 METHOD_COLORS = {m: f"C{i}" for i, m in enumerate(
-    ("abft_triton", "abft_cuda", "abft_torch", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient",
-     "sdpa_math", "flex", "eager", "sdpa_recompute"))}
+    ("abft_auto", "abft_sdpa", "abft_triton", "abft_cuda", "abft_torch", "sdpa_flash",
+     "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "flex", "eager", "sdpa_recompute"))}
 
 
 def _style(lab):

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_record as R  # noqa: E402
 from plot import best_sdpa, headline_probe_config, main_grid, point_key  # noqa: E402
 
-ABFT = ("abft_triton", "abft_cuda", "abft_torch")
+ABFT = ("abft_auto", "abft_sdpa", "abft_triton", "abft_cuda", "abft_torch")
 MODE_TITLE = {"fwd": "forward", "bwd": "backward", "both": "forward + backward"}
 
 
@@ -57,13 +57,14 @@ def attention_section(rows, mode=None) -> list:
     others = [m for m in ("flex", "eager") if any(r["method"] == m for r in grid)]
     out = []
     for md in modes:
-        keys = sorted({point_key(r)[:4] for r in grid if r["mode"] == md},
-                      key=lambda k: (k[0], int(k[1]), int(k[2]) // int(k[3])))
-        for dtype, d, hq, hkv in keys:
+        keys = sorted({(*point_key(r)[:4], point_key(r)[7]) for r in grid if r["mode"] == md},
+                      key=lambda k: (k[4] != "none", k[4], k[0], int(k[1]), int(k[2]) // int(k[3])))
+        for dtype, d, hq, hkv, mask in keys:
             pts = sorted({(int(r["L"]), r["B"]) for r in grid if r["mode"] == md
-                          and (r["dtype"], r["D"], r["Hq"], r["Hkv"]) == (dtype, d, hq, hkv)})
+                          and (*point_key(r)[:4], point_key(r)[7]) == (dtype, d, hq, hkv, mask)})
             probe = f"R={rc[0]}, C={rc[1]}" if rc else "no probes recorded"
-            out += ["", f"**{MODE_TITLE[md]}**, causal, {dtype}, d={d}, Hq={hq}, Hkv={hkv}, "
+            out += ["", f"**{MODE_TITLE[md]}**, causal, mask {mask}, {dtype}, d={d}, Hq={hq}, "
+                        f"Hkv={hkv}, "
                         f"probes {probe}. Ratios are to the best SDPA backend without probes; "
                         "overhead = with / without probes - 1 (same backend).", ""]
             header = ["L", "B", "best SDPA (no probes)"]
@@ -72,7 +73,7 @@ def attention_section(rows, mode=None) -> list:
             header += [f"{m} +probes" for m in others] + [f"{m} (no probes)" for m in others]
             body = []
             for L, B in pts:
-                k = (dtype, d, hq, hkv, md, str(L), B)
+                k = (dtype, d, hq, hkv, md, str(L), B, mask)
                 b = best.get(k)
                 line = [L, B, f"{_ms(b[0])} ({b[1][5:]})" if b else "–"]
                 for m in methods:

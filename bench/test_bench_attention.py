@@ -1,9 +1,10 @@
 """Attention op benchmarks: forward, backward and both, with and without probes.
 
 Methods (``method`` column):
-  abft_triton / abft_cuda / abft_torch  ``abft_fast.attention(..., backend=...)``; with probes it
-      also returns P[probe rows, probe cols]. abft_torch = SDPA (default dispatch) + probe rows
-      recomputed on the side, i.e. the "SDPA + recompute" baseline.
+  abft_auto / abft_sdpa / abft_triton / abft_cuda / abft_torch  ``abft_fast.attention(...,
+      backend=...)``; with probes it also returns P[probe rows, probe cols]. abft_sdpa = the best
+      SDPA kernel for the output + the Triton probe kernels (unmasked shapes only); abft_torch =
+      SDPA + probe rows recomputed in PyTorch, i.e. the "SDPA + recompute" baseline.
   sdpa_flash / sdpa_cudnn / sdpa_efficient / sdpa_math  ``F.scaled_dot_product_attention`` pinned
       to one backend with ``sdpa_kernel`` (no probes).
   flex  FlexAttention (compiled on CUDA, except at smoke sizes) returning its log-sum-exp; with
@@ -12,7 +13,12 @@ Methods (``method`` column):
   eager  matmul + float32 softmax + matmul (L x L matrix); with probes, gathered from that matrix
       (the ``output_attentions`` way).
 Modes: fwd (training forward, inputs require grad), bwd (backward only; the forward runs in the
-untimed setup), both. Causal throughout. Recorded per case: median ms, TFLOP/s (FLOPs of
+untimed setup), both. Causal throughout. Masks (``mask`` column, never compare rows of different
+masks): none; pad-left / pad-right (each sequence's real length drawn from 50-100% of L; abft_*
+get the [B, L] key padding mask, the SDPA backends and eager a dense [B, 1, L, L] bool mask,
+FlexAttention a block mask); window (sliding window, flags for abft_*, a dense mask for SDPA).
+Query rows that see no key (left padding) get a zero output gradient, so that every method's
+gradients mean the same. Recorded per case: median ms, TFLOP/s (FLOPs of
 benchlib.attention_flops) and, on CUDA, peak_mem_mb = peak allocated during the timed rounds above
 what was allocated before them (the inputs), so for bwd it includes the setup's forward.
 """
@@ -68,8 +74,24 @@ def _flex(compiled):
     return fn, getattr(fa, "AuxRequest", None)
 
 
+def _block_mask(L, dev, kpm=None, window=None):
+    from torch.nn.attention.flex_attention import create_block_mask
+    if kpm is None and window is None:
+        return _causal_block_mask(L, dev)
+
+    def mask_mod(b, h, i, j):
+        ok = i >= j
+        if window is not None:
+            ok = ok & (i - j < window)
+        if kpm is not None:
+            ok = ok & kpm[b, j]
+        return ok
+    b = None if kpm is None else kpm.shape[0]
+    return create_block_mask(mask_mod, b, None, L, L, device=dev)
+
+
 @functools.lru_cache(maxsize=1)  # cases of one shape run one after another
-def _block_mask(L, dev):
+def _causal_block_mask(L, dev):
     from torch.nn.attention.flex_attention import create_block_mask
     return create_block_mask(lambda b, h, i, j: i >= j, None, None, L, L, device=dev)
 
@@ -77,6 +99,20 @@ def _block_mask(L, dev):
 @functools.lru_cache(maxsize=1)
 def _causal_mask(L, dev):
     return torch.ones(L, L, dtype=torch.bool, device=dev).tril()
+
+
+def _padding(s: benchlib.OpShape, g, dev):
+    """[B, L] key padding mask of a padded shape: real lengths uniform in [L/2, L]."""
+    if not s.mask.startswith("pad"):
+        return None
+    kpm = torch.zeros(s.B, s.L, dtype=torch.bool)
+    for i in range(s.B):
+        n = int(torch.randint(s.L // 2, s.L + 1, (1,), generator=g))
+        if s.mask == "pad-left":
+            kpm[i, s.L - n:] = True
+        else:
+            kpm[i, :n] = True
+    return kpm.to(dev)
 
 
 def _sdpa_backend(method):
@@ -111,12 +147,23 @@ class OpCase:
         self.k = rnd(s.B, s.Hkv, s.L, s.D).requires_grad_(grad)
         self.v = rnd(s.B, s.Hkv, s.L, s.D).requires_grad_(grad)
         self.scale = s.D ** -0.5
+        self.kpm = _padding(s, g, dev)
+        self.window = s.window if s.mask == "window" else None
         self.rows = (s.L - 1 - torch.arange(s.R)).repeat(s.B, 1).to(dev)  # the last R tokens
         self.cols = None
         if s.C is not None:
             self.cols = torch.stack([torch.randperm(s.L - s.R, generator=g)[:s.C].sort().values
                                      for _ in range(s.B)]).to(dev)
         self.dout = rnd(s.B, s.Hq, s.L, s.D)
+        self.dense = None  # [B, 1, L, L] visibility for the SDPA / eager peers of masked shapes
+        if s.mask != "none":
+            from abft_fast.ops.masks import visible
+            r = torch.arange(s.L, device=dev).expand(s.B, -1)
+            vis = visible(r, torch.arange(s.L, device=dev), lq=s.L, lk=s.L, causal=True,
+                          window=self.window, key_padding_mask=self.kpm)
+            has = vis.any(-1, keepdim=True)
+            self.dout = self.dout * has.unsqueeze(1).to(self.dout.dtype)  # rows without keys: 0
+            self.dense = (vis | ~has).unsqueeze(1)  # such rows see all keys (no NaN), weight 0
         self.dprobs = torch.randn(s.B, s.Hq, s.R, s.L if s.C is None else s.C,
                                   generator=g).to(dev)
         self.kv_expanded = False
@@ -131,15 +178,20 @@ class OpCase:
         if m.startswith("abft_"):
             import abft_fast
             out, probs = abft_fast.attention(q, k, v, causal=True, probe_rows=rows,
-                                             probe_cols=cols, backend=m[5:])
+                                             probe_cols=cols, key_padding_mask=self.kpm,
+                                             window=self.window, backend=m[5:])
         elif m.startswith("sdpa_"):
             from torch.nn.attention import sdpa_kernel
             with sdpa_kernel(_sdpa_backend(m)):
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
-                                                     enable_gqa=gqa)
+                if self.dense is None:
+                    out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                         scale=self.scale, enable_gqa=gqa)
+                else:
+                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense,
+                                                         scale=self.scale, enable_gqa=gqa)
         elif m == "flex":
             flex, aux_req = _flex(self.compile_flex)
-            bm = _block_mask(self.s.L, self.dev)
+            bm = _block_mask(self.s.L, self.dev, self.kpm, self.window)
             if aux_req is not None:
                 out, aux = flex(q, k, v, block_mask=bm, scale=self.scale, enable_gqa=gqa,
                                 return_aux=aux_req(lse=True))
@@ -150,15 +202,17 @@ class OpCase:
             if self.probes:
                 from abft_fast.ops.probe_math import probe_probs_from_lse
                 from abft_fast.ops.spec import make_spec
-                spec = make_spec(q, k, v, causal=True, scale=self.scale, key_padding_mask=None,
-                                 window=None, probe_rows=rows, probe_cols=cols)
+                spec = make_spec(q, k, v, causal=True, scale=self.scale,
+                                 key_padding_mask=self.kpm, window=self.window, probe_rows=rows,
+                                 probe_cols=cols)
                 probs = probe_probs_from_lse(q, k, lse, spec)
         elif m == "eager":
             grp = q.shape[1] // k.shape[1]
             kk = k.repeat_interleave(grp, 1) if grp > 1 else k
             vv = v.repeat_interleave(grp, 1) if grp > 1 else v
             sc = torch.matmul(q, kk.transpose(-1, -2)) * self.scale
-            sc = sc.masked_fill(~_causal_mask(self.s.L, self.dev), float("-inf"))
+            keep = _causal_mask(self.s.L, self.dev) if self.dense is None else self.dense
+            sc = sc.masked_fill(~keep, float("-inf"))
             p = torch.softmax(sc, dim=-1, dtype=torch.float32).to(q.dtype)
             out = torch.matmul(p, vv)
             if self.probes:
@@ -252,9 +306,11 @@ class OpCase:
         tol = 1e-2 if self.dev.type == "cuda" else 1e-4  # TF32 dots on GPU; exact on CPU
         q, k, v = (t.detach().double().requires_grad_() for t in (self.q, self.k, self.v))
         rows, cols = (self.rows, self.cols) if self.probes else (None, None)
-        ro, _, rp = attention_reference(q, k, v, causal=True, probe_rows=rows, probe_cols=cols)
+        ro, lse, rp = attention_reference(q, k, v, causal=True, probe_rows=rows, probe_cols=cols,
+                                          key_padding_mask=self.kpm, window=self.window)
         out, probs = self.last
-        torch.testing.assert_close(out.double(), ro, atol=tol, rtol=tol)
+        live = torch.isfinite(lse).unsqueeze(-1)  # rows that see a key (peers differ elsewhere)
+        torch.testing.assert_close(out.double() * live, ro * live, atol=tol, rtol=tol)
         if self.probes:
             torch.testing.assert_close(probs.double(), rp, atol=tol, rtol=tol)
         if self.mode != "fwd" and not self.kv_expanded:
@@ -279,7 +335,8 @@ def test_attention(op_case, benchmark, recorder):
     flops = benchlib.attention_flops(s, mode)
     row = dict(method=method, mode=mode, probes=probes, dtype=s.dtype, B=s.B, Hq=s.Hq, Hkv=s.Hkv,
                L=s.L, D=s.D, R=s.R if probes else "", C=("all" if s.C is None else s.C)
-               if probes else "", causal=s.causal, status="ok", note="")
+               if probes else "", causal=s.causal, mask=s.mask, window=s.window or "",
+               status="ok", note="")
     smoke = recorder.sizes == "smoke"
     case = stats = skip = None
     oom = False

@@ -8,7 +8,8 @@ abft_fast.kernels.attention (causal, window, key padding; query i at absolute po
   _probe_fwd_kernel   lse_r = log sum_j exp(s q_r . k_j) over the visible keys (online, one pass
                       over K), then P[r, c] = exp(s q_r . k_c - lse_r) at the probe columns (or
                       every key: full rows). Writes P [B, Hq, R, C] and lse [B, Hq, R].
-  _probe_dk_kernel    dK_j = s * sum_r dS_rj q_r for one key block, with
+  _probe_dk_kernel    dK_j = s * sum_r dS_rj q_r for one key block (dS rounded to the input dtype
+                      for the tensor-core dot, as the flash backward does), with
                       dS_rj = E_rj - u_r P_rj, E the probe gradient scattered to full rows
                       (E_rj = sum_{c: cols_c = j} P_rc G_rc) and u_r = sum_c P_rc G_rc.
   _probe_dq_kernel    dQ_r = s * sum_j dS_rj k_j for one tile of probe rows.
@@ -151,7 +152,7 @@ def _probe_dk_kernel(Q, K, ROWS, LSE, U, E, DK, KPM,
         e = tl.load(E + ridx[:, None] * Lk + offs_n[None, :],
                     mask=row_ok[:, None] & nmask[None, :], other=0.0)
         ds = e - u[:, None] * p  # [BM, BN]
-        dk += tl.dot(tl.trans(ds), q.to(tl.float32), input_precision="ieee")
+        dk += _dot(tl.trans(ds).to(q.dtype), q, PREC, UPCAST)
     tl.store(DK + bhk * Lk * D + offs_n[:, None] * D + offs_d[None, :], dk * sm_scale,
              mask=nmask[:, None] & dmask[None, :])
 
@@ -196,7 +197,7 @@ def _probe_dq_kernel(Q, K, ROWS, LSE, U, E, DQ, KPM,
         e = tl.load(E + ridx[:, None] * Lk + offs_n[None, :],
                     mask=row_ok[:, None] & nmask[None, :], other=0.0)
         ds = e - u[:, None] * p
-        dq += tl.dot(ds, k.to(tl.float32), input_precision="ieee")
+        dq += _dot(ds.to(k.dtype), k, PREC, UPCAST)
     tl.store(DQ + ridx[:, None] * D + offs_d[None, :], dq * sm_scale,
              mask=row_ok[:, None] & dmask[None, :])
 
@@ -206,10 +207,12 @@ def _probe_dq_kernel(Q, K, ROWS, LSE, U, E, DQ, KPM,
 
 
 def _tiles(m_rows: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N): probe tiles of up to 64 rows, key blocks of 64 (16 in the interpreter)."""
+    """(BLOCK_M, BLOCK_N): probe tiles of up to 64 rows, key blocks of 32 (16 in the interpreter).
+    32-key blocks keep the 16-bit kernels free of spills at d <= 128 on sm_90 (tests/aot_compile.py
+    reads it from the SASS; 64-key blocks spilled in the forward and dq kernels at d = 128)."""
     if _interpreting() or device.type != "cuda":
         return 16, 16
-    return min(64, max(16, triton.next_power_of_2(m_rows))), 64
+    return min(64, max(16, triton.next_power_of_2(m_rows))), 32
 
 
 def _flags(kpm, causal, window):

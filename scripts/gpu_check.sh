@@ -14,9 +14,11 @@
 # Stages, each under its own time limit (seconds, env):
 #   1. versions and the GPU (DIR/env.txt);
 #   2. the CUDA C++ extension is built in the background (DIR/cuda_build.log, T_BUILD);
-#   3. Triton compiled on the GPU: tests/test_triton_backend.py, test_dispatch.py, test_hf.py,
-#      test_fuzz.py, test_validation.py (DIR/test_triton.log, T_TRITON);
-#   4. the CUDA C++ backend: pytest -m gpu tests/test_cuda_backend.py (DIR/test_cuda.log, T_CUDA);
+#   3. Triton compiled on the GPU: tests/ops/test_triton_backend.py, test_sdpa_backend.py,
+#      test_host_sync.py, test_dispatch.py, test_fuzz.py, test_validation.py, tests/hf/test_hf.py
+#      (DIR/test_triton.log, T_TRITON);
+#   4. the CUDA C++ backend: pytest -m gpu tests/ops/test_cuda_backend.py (DIR/test_cuda.log,
+#      T_CUDA);
 #   5. bench/tune_tiles.py: Triton tile configurations at the quick shape (DIR/tiles.csv and
 #      DIR/tiles.log, T_TUNE);
 #   6. ABFT_BENCH_SIZES=quick bash bench/run.sh into DIR/bench (T_BENCH), packed as DIR/bench.tgz.
@@ -70,8 +72,9 @@ fi
 if want triton; then
   stamp "3. Triton on the GPU"
   timeout "$T_TRITON" "$PY" -m pytest -v -p no:cacheprovider -rfEs "${PAR[@]}" \
-    tests/test_triton_backend.py tests/test_dispatch.py tests/test_hf.py tests/test_fuzz.py \
-    tests/test_validation.py >"$OUT/test_triton.log" 2>&1
+    tests/ops/test_triton_backend.py tests/ops/test_sdpa_backend.py tests/ops/test_host_sync.py \
+    tests/ops/test_dispatch.py tests/ops/test_fuzz.py tests/ops/test_validation.py \
+    tests/hf/test_hf.py >"$OUT/test_triton.log" 2>&1
   echo "pytest exit $?" >>"$OUT/test_triton.log"
 fi
 
@@ -80,7 +83,7 @@ if want cuda; then
   wait "$build_pid"
   tail -5 "$OUT/cuda_build.log"
   timeout "$T_CUDA" "$PY" -m pytest -v -p no:cacheprovider -rfEs "${PAR[@]}" -m gpu \
-    tests/test_cuda_backend.py >"$OUT/test_cuda.log" 2>&1
+    tests/ops/test_cuda_backend.py >"$OUT/test_cuda.log" 2>&1
   echo "pytest exit $?" >>"$OUT/test_cuda.log"
 fi
 

@@ -1,17 +1,32 @@
-"""Compile the Triton kernels ahead of time for a GPU target (sm_80 / sm_90) on a machine without a
-GPU: catches constructs that the interpreter accepts but the compiler rejects, and reports register
-and shared-memory use. Usage: python tests/aot_compile.py [90 80]"""
+"""Compile every Triton kernel the package ships, at its shipped configurations, ahead of time for
+sm_80 / sm_90 on a machine without a GPU, and read the SASS with the cuobjdump inside Triton's
+package: registers, stack bytes, spill instructions (LDL / STL), HGMMA (Hopper's asynchronous
+tensor cores) vs HMMA (mma.sync), shared memory. Catches what the interpreter accepts but the
+compiler rejects, and tiles that do not fit a generation's shared memory.
+
+Usage: python tests/aot_compile.py [90 80] [--csv PATH]. One line per kernel configuration:
+cc dtype d kernel BLOCK_M BLOCK_N warps stages shared regs stack spills hgmma hmma.
+"""
 from __future__ import annotations
 
+import os
+import re
+import subprocess
 import sys
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import abft_fast.kernels.attention as kernels
+import abft_fast.kernels.probes as probe_kernels
 
 PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+FIELDS = ("cc", "dtype", "d", "kernel", "BLOCK_M", "BLOCK_N", "warps", "stages", "shared", "regs",
+          "stack", "spills", "hgmma", "hmma")
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                         "cuobjdump")
 
 
 def signature(fn, dtype, consts):
@@ -19,7 +34,7 @@ def signature(fn, dtype, consts):
     for n in fn.arg_names:
         if n in consts:
             sig[n] = "constexpr"
-        elif n in ("LSE", "DELTA", "DQ", "DK", "DV", "EXTRA", "P"):
+        elif n in ("LSE", "DELTA", "DQ", "DK", "DV", "EXTRA", "P", "U", "E"):
             sig[n] = "*fp32"
         elif n in ("ROWS", "COLS"):
             sig[n] = "*i64"
@@ -34,32 +49,100 @@ def signature(fn, dtype, consts):
     return sig
 
 
-def compile_all(cc: int, dtypes=("bf16", "fp16", "fp32"), dims=(64, 128, 256)):
-    target = GPUTarget("cuda", cc, 32)
-    rows = []
+def sass_stats(compiled) -> dict:
+    """Registers, stack, spill instructions and tensor-core instructions of a compiled kernel."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+        path = f.name
+    try:
+        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", path], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([CUOBJDUMP, "--dump-sass", path], capture_output=True, text=True,
+                              check=True).stdout
+    finally:
+        os.unlink(path)
+    m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    return dict(regs=int(m[1]), stack=int(m[2]),
+                spills=len(re.findall(r"\b(?:LDL|STL)(?:\.\w+)*\b", sass)),
+                hgmma=len(re.findall(r"\bHGMMA\b", sass)), hmma=len(re.findall(r"\bHMMA\b", sass)))
+
+
+def _compile(fn, dtype, consts, target, warps, stages):
+    src = ASTSource(fn, signature(fn, dtype, consts), consts)
+    return triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
+
+
+def flash_configs(cc: int, dtypes=("bf16", "fp16", "fp32"), dims=(64, 128, 256)):
     for dtype in dtypes:
         for d in dims:
             for name, kind in (("_fwd_kernel", "fwd"), ("_bwd_dkdv_kernel", "dkdv"),
                                ("_bwd_dq_kernel", "dq")):
-                fn = getattr(kernels, name)
                 bm, bn, warps, stages = kernels._cfg_for(d, cc // 10, kind, dtype == "fp32")
                 consts = dict(CAUSAL=True, WINDOW=0, HAS_KPM=True, BLOCK_M=bm, BLOCK_N=bn,
                               BLOCK_D=d, PREC="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
-                src = ASTSource(fn, signature(fn, dtype, consts), consts)
-                k = triton.compile(src, target=target,
-                                   options=dict(num_warps=warps, num_stages=stages))
-                md = k.metadata
-                rows.append((cc, dtype, d, name, bm, bn, warps, stages, md.shared,
-                             getattr(k, "n_regs", None), getattr(k, "n_spills", None)))
-                print(*rows[-1], flush=True)
+                yield getattr(kernels, name), name, dtype, d, consts, warps, stages
+
+
+def probe_configs(dtypes=("bf16", "fp32"), dims=(64, 128)):
+    """The sdpa engine's probe kernels at their launch tiles for 16 probe rows x key blocks."""
+    bm, bn = 16, 32  # probes._tiles for G x R <= 16 on a GPU
+    for dtype in dtypes:
+        for d in dims:
+            for name in ("_probe_fwd_kernel", "_probe_dk_kernel", "_probe_dq_kernel"):
+                consts = dict(CAUSAL=True, WINDOW=0, HAS_KPM=False, BLOCK_M=bm, BLOCK_N=bn,
+                              BLOCK_D=d, PREC="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
+                if name == "_probe_fwd_kernel":
+                    consts["FULL_ROWS"] = False
+                yield getattr(probe_kernels, name), name, dtype, d, consts, 4, 1
+
+
+def small_configs(dtypes=("bf16", "fp32"), dims=(64, 128)):
+    """The fused engine's probe-from-lse kernel and the backward's delta pre-pass."""
+    for dtype in dtypes:
+        for d in dims:
+            yield (kernels._probe_kernel, "_probe_kernel", dtype, d,
+                   dict(CAUSAL=True, WINDOW=0, HAS_KPM=True, FULL_ROWS=False, BLOCK_C=128,
+                        BLOCK_D=d, BLOCK_M=1, BLOCK_N=128), 4, 1)
+            yield (kernels._delta_kernel, "_delta_kernel", dtype, d,
+                   dict(HAS_EXTRA=True, BLOCK_M=64, BLOCK_D=d, BLOCK_N=0), 4, 1)
+
+
+def _strip(consts, fn):
+    return {k: v for k, v in consts.items() if k in fn.arg_names}
+
+
+def compile_all(cc: int, with_probes: bool = True):
+    target = GPUTarget("cuda", cc, 32)
+    rows = []
+    configs = list(flash_configs(cc))
+    if with_probes:
+        configs += list(probe_configs()) + list(small_configs())
+    for fn, name, dtype, d, consts, warps, stages in configs:
+        k = _compile(fn, dtype, _strip(consts, fn), target, warps, stages)
+        st = sass_stats(k)
+        rows.append(dict(cc=cc, dtype=dtype, d=d, kernel=name, BLOCK_M=consts["BLOCK_M"],
+                         BLOCK_N=consts["BLOCK_N"], warps=warps, stages=stages,
+                         shared=k.metadata.shared, **st))
+        print(*(rows[-1][f] for f in FIELDS), flush=True)
     return rows
 
 
 if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    csv_path = sys.argv[sys.argv.index("--csv") + 1] if "--csv" in sys.argv else None
+    if csv_path:
+        args = [a for a in args if a != csv_path]
     limits = {80: 166912, 90: 232448}  # max dynamic shared memory per block, bytes
-    worst = 0
-    for cc in [int(a) for a in sys.argv[1:]] or [80, 90]:
-        for row in compile_all(cc):
-            assert row[8] <= limits[cc], f"shared memory {row[8]} over the sm_{cc} limit: {row}"
-            worst = max(worst, row[8])
+    worst, all_rows = 0, []
+    print(*FIELDS)
+    for cc in [int(a) for a in args] or [80, 90]:
+        for row in compile_all(cc, with_probes=cc == 90):
+            assert row["shared"] <= limits[cc], f"shared memory over the sm_{cc} limit: {row}"
+            worst = max(worst, row["shared"])
+            all_rows.append(row)
+    if csv_path:
+        with open(csv_path, "w") as f:
+            f.write(",".join(FIELDS) + "\n")
+            for r in all_rows:
+                f.write(",".join(str(r[k]) for k in FIELDS) + "\n")
     print("all kernels compiled; largest shared memory", worst)
