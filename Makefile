@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 NVCC ?= nvcc
 
-.PHONY: install demo test test-gpu bench bench-smoke check-cuda clean
+.PHONY: install demo lint test test-gpu bench bench-smoke check-cuda clean
 
 install: $(VENV)/.installed
 
@@ -22,10 +22,10 @@ install: $(VENV)/.installed
 # `setup.py develop` back to pip with isolation on (a download); PEP 660 (--use-pep517) then works.
 PIP_E = $(BIN)/python -m pip install -q --no-build-isolation
 ALONE = $(PIP_E) --no-deps -e . || $(PIP_E) --no-deps --use-pep517 -e .
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv --system-site-packages $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
-	if $(BIN)/python -c "import torch, triton, transformers, accelerate, safetensors, tqdm, pytest, pytest_benchmark, hypothesis, StaICC, gguf, peft, matplotlib" 2>/dev/null; \
+	if $(BIN)/python -c "import torch, triton, transformers, accelerate, safetensors, tqdm, pytest, pytest_benchmark, hypothesis, ruff, importlinter, StaICC, gguf, peft, matplotlib" 2>/dev/null; \
 	then $(ALONE); \
 	else $(PIP_E) -e ".[test,abft]" || { \
 	  echo "make install: some dependencies could not be installed (offline?); installing abft-fast alone" >&2; \
@@ -36,7 +36,12 @@ $(VENV)/.installed: setup.py
 demo: install
 	$(BIN)/abft-fast demo
 
-test: install
+# ruff (lint + import order) and the import-layer contract (pyproject.toml [tool.importlinter]).
+lint: install
+	$(BIN)/python -m ruff check .
+	$(BIN)/lint-imports
+
+test: install lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests bench --benchmark-disable
 
 test-gpu: install
