@@ -122,7 +122,7 @@ def _probe_dk_kernel(Q, K, ROWS, LSE, U, E, DK, KPM,
                      Hq, G, Lq, Lk, D, R, sm_scale,
                      CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     PREC: tl.constexpr, UPCAST: tl.constexpr):
+                     PREC: tl.constexpr, UPCAST: tl.constexpr, ACCUMULATE: tl.constexpr):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
     Hkv = Hq // G
@@ -153,8 +153,12 @@ def _probe_dk_kernel(Q, K, ROWS, LSE, U, E, DK, KPM,
                     mask=row_ok[:, None] & nmask[None, :], other=0.0)
         ds = e - u[:, None] * p  # [BM, BN]
         dk += _dot(tl.trans(ds).to(q.dtype), q, PREC, UPCAST)
-    tl.store(DK + bhk * Lk * D + offs_n[:, None] * D + offs_d[None, :], dk * sm_scale,
-             mask=nmask[:, None] & dmask[None, :])
+    dk_ptrs = DK + bhk * Lk * D + offs_n[:, None] * D + offs_d[None, :]
+    dk_mask = nmask[:, None] & dmask[None, :]
+    dk = dk * sm_scale
+    if ACCUMULATE:  # add into an existing gradient (the output's dk), in its dtype
+        dk += tl.load(dk_ptrs, mask=dk_mask, other=0.0).to(tl.float32)
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=dk_mask)
 
 
 @triton.jit
@@ -260,28 +264,36 @@ def probe_rows_fwd(q, k, rows, cols=None, key_padding_mask=None, *, causal=True,
 
 
 def probe_rows_bwd(q, k, rows, lse, u, e, key_padding_mask=None, *, causal=True, window=None,
-                   scale=None):
+                   scale=None, dk_out=None):
     """Gradient of the probes into q (probe rows only) and k.
 
     lse [B,Hq,R] from probe_rows_fwd; u [B,Hq,R] = sum_c P G; e [B,Hq,R,Lk] = P G scattered to
     the probe columns (float32). Returns (dq_rows [B,Hq,R,D], dk [B,Hkv,Lk,D]), float32; dq_rows
-    is 0 on unused slots and rows with no visible key."""
+    is 0 on unused slots and rows with no visible key. With ``dk_out`` (a contiguous [B,Hkv,Lk,D]
+    tensor of any float dtype, e.g. the output's dk) the probe part is added into it in place and
+    dk_out is returned as dk."""
     q, k, kpm, s_kpm = _prep(q, k, key_padding_mask)
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     g, r = hq // hkv, rows.shape[1]
     scale = d ** -0.5 if scale is None else float(scale)
     dq = torch.zeros(b, hq, r, d, dtype=torch.float32, device=q.device)
-    dk = torch.empty(b, hkv, lk, d, dtype=torch.float32, device=q.device)
+    if dk_out is not None:
+        if tuple(dk_out.shape) != (b, hkv, lk, d) or not dk_out.is_contiguous():
+            raise ValueError(f"dk_out must be a contiguous [{b}, {hkv}, {lk}, {d}] tensor, got "
+                             f"{tuple(dk_out.shape)} (contiguous: {dk_out.is_contiguous()})")
+        dk = dk_out
+    else:
+        dk = torch.empty(b, hkv, lk, d, dtype=torch.float32, device=q.device)
     if r == 0:
-        return dq, dk.zero_()
+        return dq, dk if dk_out is not None else dk.zero_()
     rows, lse, u, e = rows.contiguous(), lse.contiguous(), u.contiguous(), e.contiguous()
     bm, bn = _tiles(g * r, q.device)
     common = (*q.stride()[:3], *k.stride()[:3], s_kpm, hq, g, lq, lk, d, r, scale)
     meta = dict(**_flags(key_padding_mask, causal, window), BLOCK_M=bm, BLOCK_N=bn,
                 BLOCK_D=padded_head_dim(d), **_dots(q), num_warps=4)
     _probe_dk_kernel[(triton.cdiv(lk, bn), b * hkv)](q, k, rows, lse, u, e, dk, kpm, *common,
-                                                     **meta)
+                                                     **meta, ACCUMULATE=dk_out is not None)
     _probe_dq_kernel[(triton.cdiv(g * r, bm), b * hkv)](q, k, rows, lse, u, e, dq, kpm, *common,
                                                         **meta)
     return dq, dk

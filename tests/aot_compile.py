@@ -93,6 +93,8 @@ def probe_configs(dtypes=("bf16", "fp32"), dims=(64, 128)):
                               BLOCK_D=d, PREC="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
                 if name == "_probe_fwd_kernel":
                     consts["FULL_ROWS"] = False
+                if name == "_probe_dk_kernel":
+                    consts["ACCUMULATE"] = True
                 yield getattr(probe_kernels, name), name, dtype, d, consts, 4, 1
 
 

@@ -28,9 +28,79 @@ def check_supported(spec: AttentionSpec) -> None:
 
 def attention(q, k, v, spec: AttentionSpec):
     check_supported(spec)
+    if _fused_backward(q, k, v, spec):
+        return SdpaWithProbes.apply(q, k, v, spec)
     out = torch_backend.output(q, k, v, spec)
     probs = probe_probs(q, k, spec) if spec.has_probes else None
     return out, probs
+
+
+def _fused_backward(q, k, v, spec: AttentionSpec) -> bool:
+    """Eager training calls with probes take the one-Function path (below); torch.compile, no
+    grad, float64 or an empty probe set take the composite path (SDPA + the probe op)."""
+    return (spec.has_probes and spec.probe_rows.shape[1] > 0 and spec.n_cols > 0
+            and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+            and not torch.compiler.is_compiling() and _triton_probes(q))
+
+
+class SdpaWithProbes(torch.autograd.Function):
+    """Output and probes in one autograd node, so that the probe gradient goes straight into the
+    output's gradients: the probe part of dk is added by the dk kernel in place, the R probe rows
+    of dq by one scatter-add; nothing dense is allocated for the probes. The SDPA output keeps
+    its own autograd graph (whatever vendor kernel ran) and is differentiated inside backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, spec: AttentionSpec):
+        from ..kernels.probes import probe_rows_fwd
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(t.requires_grad) for t in (q, k, v)]
+            out = torch_backend.output(*leaves, spec)
+        probs, lse = probe_rows_fwd(q, k, spec.probe_rows, spec.probe_cols, None,
+                                    causal=spec.causal, window=None, scale=spec.scale)
+        ctx.graph = (out, leaves)
+        ctx.spec = spec
+        ctx.set_materialize_grads(False)  # an unused output gives None: no work for it
+        ctx.save_for_backward(q, k, probs, lse)
+        return out.detach(), probs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dprobs):
+        from ..kernels.probes import probe_rows_bwd
+        q, k, probs, lse = ctx.saved_tensors
+        spec = ctx.spec
+        out, leaves = ctx.graph
+        ctx.graph = None
+        grads = [None, None, None]
+        wanted = [i for i, t in enumerate(leaves) if t.requires_grad]
+        if dout is not None and wanted:
+            got = torch.autograd.grad(out, [leaves[i] for i in wanted], dout, allow_unused=True)
+            for i, g in zip(wanted, got):
+                grads[i] = g
+        if dprobs is not None and (q.requires_grad or k.requires_grad):
+            ds = probs * dprobs.to(probs.dtype)
+            e = _scatter_columns(ds, spec.probe_cols, spec.k_len)
+            dk = grads[1]
+            in_place = dk is not None and dk.is_contiguous()
+            dq_rows, dk_p = probe_rows_bwd(q, k, spec.probe_rows, lse, ds.sum(-1), e, None,
+                                           causal=spec.causal, window=None, scale=spec.scale,
+                                           dk_out=dk if in_place else None)
+            if k.requires_grad and not in_place:
+                grads[1] = dk_p.to(k.dtype) if dk is None else dk + dk_p.to(dk.dtype)
+            if q.requires_grad:
+                dq = grads[0] if grads[0] is not None else torch.zeros_like(q)
+                idx = spec.probe_rows.clamp(min=0)[:, None, :, None].expand_as(dq_rows)
+                grads[0] = dq.scatter_add_(2, idx, dq_rows.to(dq.dtype))  # 0 on unused slots
+        return grads[0], grads[1], grads[2], None
+
+
+def _scatter_columns(ds, cols, k_len: int):
+    """ds [B,Hq,R,C] at the probe columns -> [B,Hq,R,Lk] (duplicate columns add; -1 slots hold
+    0 since P is 0 there); full rows (cols None) are already that."""
+    if cols is None:
+        return ds
+    e = ds.new_zeros(*ds.shape[:3], k_len)
+    return e.scatter_add_(3, cols.clamp(min=0)[:, None, None, :].expand_as(ds), ds)
 
 
 def _triton_probes(q) -> bool:
@@ -75,15 +145,10 @@ def probe_rows_backward_op(dprobs: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     """-> (dq [B,Hq,Lq,D] in q's dtype, non-zero on the probe rows only; dk [B,Hkv,Lk,D])."""
     from ..kernels.probes import probe_rows_bwd
     b, hq, lq, d = q.shape
-    lk = k.shape[2]
     ds = probs * dprobs.to(probs.dtype)  # 0 where P = 0: masked entries, unused slots
-    u = ds.sum(-1)
-    if probe_cols is None:
-        e = ds
-    else:
-        e = torch.zeros(b, hq, ds.shape[2], lk, dtype=ds.dtype, device=ds.device)
-        e.scatter_add_(3, probe_cols.clamp(min=0)[:, None, None, :].expand_as(ds), ds)
-    dq_rows, dk = probe_rows_bwd(q, k, probe_rows, lse, u, e, key_padding_mask, causal=causal,
+    e = _scatter_columns(ds, probe_cols, k.shape[2])
+    dq_rows, dk = probe_rows_bwd(q, k, probe_rows, lse, ds.sum(-1), e, key_padding_mask,
+                                 causal=causal,
                                  window=window or None, scale=scale)
     dq = torch.zeros(b, hq, lq, d, dtype=torch.float32, device=q.device)
     idx = probe_rows.clamp(min=0)[:, None, :, None].expand(b, hq, -1, d)

@@ -144,3 +144,25 @@ def test_sdpa_probe_only_loss_gives_no_dv():
                                    backend="sdpa")
     probs.sum().backward()
     assert v.grad is None and torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+
+
+@pytest.mark.parametrize("case", [Case(2, 4, 2, 21, 21, 32, r=3, c=5),
+                                  Case(2, 6, 3, 9, 17, 16, r=2, c=None)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_one_function_path_equals_composite_path(case, dtype, monkeypatch):
+    """Eager training calls run output and probes in one autograd node (probe dk added in place
+    into SDPA's dk, dq rows scattered into SDPA's dq); the composite path (SDPA + the probe op,
+    what torch.compile traces) must give the same numbers."""
+    inp = on_device(make_inputs(case, fresh_generator()), DEV)
+    calls = []
+    real = sdpa_backend.SdpaWithProbes.apply
+    monkeypatch.setattr(sdpa_backend.SdpaWithProbes, "apply",
+                        lambda *a: calls.append(1) or real(*a))
+    one = run(attention_fn("sdpa"), case, inp, dtype)
+    assert calls == [1]
+    monkeypatch.setattr(sdpa_backend, "_fused_backward", lambda *a: False)
+    composite = run(attention_fn("sdpa"), case, inp, dtype)
+    assert calls == [1]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for name in one:
+        assert rel_err(one[name], composite[name]) <= tol, name
