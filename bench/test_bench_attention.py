@@ -8,7 +8,7 @@ Methods (``method`` column):
   sdpa_flash / sdpa_cudnn / sdpa_efficient / sdpa_math  ``F.scaled_dot_product_attention`` pinned
       to one backend with ``sdpa_kernel`` (no probes).
   flex  FlexAttention (compiled on CUDA, except at smoke sizes) returning its log-sum-exp; with
-      probes, P = exp(s - lse) at the probe entries (``abft_fast.probe_math.probe_probs_from_lse``),
+      probes, P = exp(s - lse) at the probe entries (``abft_fast.ops.probe_math.probe_probs_from_lse``),
       backward through lse.
   eager  matmul + float32 softmax + matmul (L x L matrix); with probes, gathered from that matrix
       (the ``output_attentions`` way).

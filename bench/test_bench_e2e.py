@@ -1,7 +1,7 @@
 """End-to-end ABFT training step on Llama-architecture models with random weights.
 
 One step = forward up to the last probed layer's attention (the rest of the model is skipped),
-ABFT probe loss (abft_fast.loss.abft_loss: probe row = last token, columns = k = 4 label
+ABFT probe loss (abft_fast.abft.loss.abft_loss: probe row = last token, columns = k = 4 label
 positions, all heads counted), backward, Adam step on W_Q / W_K only. Methods:
   abft_triton / abft_cuda / abft_torch  attn_implementation "abft_fast" (abft_fast.hf.probe) on
       that backend.
@@ -38,7 +38,7 @@ def _hf():
         from abft_fast.abft.loss import abft_loss
         return ah, abft_loss
     except Exception as e:  # noqa: BLE001
-        pytest.skip(f"abft_fast.hf / abft_fast.loss not importable yet: {type(e).__name__}: {e}")
+        pytest.skip(f"abft_fast.hf / abft_fast.abft.loss not importable yet: {type(e).__name__}: {e}")
 
 
 def _register_sdpa_probe():

@@ -60,7 +60,7 @@ def rel_err(x, ref):
 
 
 def reference(q, k, v, dout):
-    """abft_fast.reference in float32 (causal, GQA): out, lse and the gradients."""
+    """abft_fast.ops.reference in float32 (causal, GQA): out, lse and the gradients."""
     qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
     out, lse, _ = attention_reference(qf, kf, vf, causal=True)
     dq, dk, dv = torch.autograd.grad(out, (qf, kf, vf), dout.float())

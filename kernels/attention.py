@@ -12,7 +12,7 @@ Kernels (no autograd here):
   _probe_kernel    P[r, c] = exp(scale q_r . k_c - lse_r) for R probe rows x C probe columns:
                    R x C x D work, no L x L matrix.
   _delta_kernel    delta_i = sum_d dO_id O_id + extra_i (extra carries the probe-gradient term, see
-                   abft_fast/probe_math.py for the derivation).
+                   abft_fast/ops/probe_math.py for the derivation).
   _bwd_dkdv_kernel dK, dV for one key block, looping over the G query heads of its group and the
                    visible query blocks (no atomics: the group sum happens in registers).
   _bwd_dq_kernel   dQ for one query block.

@@ -45,7 +45,7 @@ VARIANTS = {
 }
 VARIANT_NAMES = {"full": "full ABFT", "no_pid": "no PID", "no_pid_no_filter": "no PID, no filter",
                  "a0": "A = 0", "b0": "B = 0"}
-# DESIGN.md section 1 (Cho et al. 2025): average accuracy over the 8 data sets, ICL -> ABFT.
+# docs/design.md section 1 (Cho et al. 2025): average accuracy over the 8 data sets, ICL -> ABFT.
 PAPER_T1 = {"GPT2-L": (45.9, 63.2), "GPT2-XL": (50.1, 67.7), "Falcon3-7B": (67.6, 79.6),
             "Llama3-8B": (66.6, 80.2), "Qwen2.5-32B": (75.3, 79.6)}
 PAPER_T4 = {"full": 79.6, "no_pid": 76.9, "no_pid_no_filter": 75.6, "a0": 72.1, "b0": 56.5}

@@ -1,4 +1,4 @@
-"""Random attention cases and the DESIGN.md section 5 error rule, shared by the backend tests."""
+"""Random attention cases and the docs/design.md section 7 error rule, shared by the backend tests."""
 from __future__ import annotations
 
 import dataclasses
@@ -142,7 +142,7 @@ def check_rel(got, ref, tol, names=None):
 
 
 def check_rule(got, torch_same, ref, floor):
-    """DESIGN.md section 5: fused error <= 2x PyTorch same-dtype error + floor."""
+    """docs/design.md section 7: fused error <= 2x PyTorch same-dtype error + floor."""
     for n in ref:
         e_f = rel_err(got[n], ref[n])
         e_t = rel_err(torch_same[n], ref[n])

@@ -10,10 +10,9 @@ import time
 
 import torch
 
-from abft_fast import data
-from abft_fast import trainer
-from abft_fast.cli import load_model
-from abft_fast.loss import abft_loss
+from abft_fast.abft import data, trainer
+from abft_fast.abft.cli import load_model
+from abft_fast.abft.loss import abft_loss
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--model", default="smollm2-135m")

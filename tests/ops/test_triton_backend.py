@@ -1,6 +1,6 @@
 """Triton backend (interpreter on CPU, compiled on GPU) against the float64 reference.
 
-Rule (DESIGN.md section 5): fused error <= 2x the torch backend's same-dtype error + a floor, and in
+Rule (docs/design.md section 7): fused error <= 2x the torch backend's same-dtype error + a floor, and in
 float32 a relative error <= 2e-4 outright; out, lse, probs, dq, dk, dv.
 """
 import pytest
