@@ -18,6 +18,7 @@ offline. Needs transformers >= 4.53. Knows nothing of ABFT.
 from __future__ import annotations
 
 from .attention import attention_forward, get_backend, set_backend
+from .column_scores import ColumnScoreRecorder, column_scores
 from .masks import AbftMask, UnsupportedMaskError, describe_mask_function, mask_builder
 from .recorder import NAME, ProbeRecorder, probe
 
@@ -29,9 +30,9 @@ except ImportError as e:  # pragma: no cover - depends on the installed transfor
         "abft_fast.hf needs transformers >= 4.53 (transformers.masking_utils with "
         f"AttentionMaskInterface): {e}. Upgrade with `pip install 'transformers>=4.53'`.") from e
 
-__all__ = ["NAME", "AbftMask", "ProbeRecorder", "UnsupportedMaskError", "attention_forward",
-           "describe_mask_function", "get_backend", "mask_builder", "probe", "register",
-           "set_backend"]
+__all__ = ["NAME", "AbftMask", "ColumnScoreRecorder", "ProbeRecorder", "UnsupportedMaskError",
+           "attention_forward", "column_scores", "describe_mask_function", "get_backend",
+           "mask_builder", "probe", "register", "set_backend"]
 
 
 def register() -> None:

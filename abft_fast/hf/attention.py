@@ -7,6 +7,7 @@ import torch
 
 from ..ops import BACKENDS
 from ..ops import attention_prechecked as _attention
+from .column_scores import record_column_scores
 from .masks import AbftMask, UnsupportedMaskError, from_dense
 from .recorder import active_recorder
 
@@ -135,6 +136,8 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
             "is exactly padding x causal (x window). Pass a 2-D attention_mask, or use "
             "attn_implementation='sdpa' / 'eager'.")
     scaling = _scaling(module, query, scaling)
+    record_column_scores(module, query, key, causal=causal, scale=scaling, key_padding_mask=kpm,
+                         window=window, backend=_backend)
 
     rec = active_recorder(module)
     rows = cols = None
