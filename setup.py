@@ -23,7 +23,8 @@ if os.environ.get("ABFT_FAST_BUILD_CUDA", "0") == "1":
     ext_modules = [
         CUDAExtension(
             "abft_fast._cuda_ext",
-            sources=["csrc/binding.cpp", "csrc/attention_fwd.cu", "csrc/attention_bwd.cu"],
+            sources=["csrc/binding.cpp", "csrc/attention_fwd.cu", "csrc/attention_bwd.cu",
+                     "csrc/probes_fwd.cu", "csrc/probes_bwd.cu"],
             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-std=c++17"]},
         )
     ]

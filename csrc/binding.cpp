@@ -1,10 +1,13 @@
-// Torch binding of the CUDA attention kernels (attention.h): argument checks, output allocation,
-// current-stream launch. Exposes
+// Torch binding of the CUDA attention kernels (attention.h) and probe kernels (probes.h): argument
+// checks, output allocation, current-stream launch. Exposes
 //   fwd(q, k, v, key_padding_mask, causal, scale, window) -> [out, lse]
 //   bwd(dout, q, k, v, out, lse, key_padding_mask, delta_extra, dq_extra, dk_extra,
 //       causal, scale, window) -> [dq, dk, dv]
-// with the shapes and meaning of attention.h (window <= 0: none). Compiled with -DABFT_EMULATION
-// (tests only) it takes CPU tensors and runs the kernels through the CPU emulation instead.
+//   probe_fwd(q, k, rows, cols, key_padding_mask, causal, scale, window) -> [probs, lse]
+//   probe_bwd(q, k, rows, lse, u, e, key_padding_mask, causal, scale, window) -> [dq_rows, dk]
+// with the shapes and meaning of attention.h and probes.h (window <= 0: none). Compiled with
+// -DABFT_EMULATION (tests only) it takes CPU tensors and runs the kernels through the CPU emulation
+// instead.
 #include <torch/extension.h>
 
 #ifndef ABFT_EMULATION
@@ -18,6 +21,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "probes.h"
 
 namespace {
 
@@ -209,14 +213,107 @@ std::vector<Tensor> bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, T
   return {dq, dk, dv};
 }
 
+// Probe rows [B, R] (or columns [B, C]) as a contiguous int64 tensor on q's device.
+Tensor prepare_index(const Tensor& t, const char* name, int64_t batch, const Tensor& q) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == batch, name, " must have shape [B, n] with B = ", batch,
+              ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kLong, name, " must be int64, got ", t.scalar_type());
+  check_device(t, name, q);
+  return t.contiguous();
+}
+
+// The fields of ProbeArgs (rows: the contiguous int64 probe rows, kept alive by the caller).
+void set_probe(abft::ProbeArgs* a, const abft::Shape& s, const Tensor& q, const Tensor& k,
+               const Tensor& rows) {
+  a->dtype = dtype_of(q);
+  a->s = s;
+  a->q = q.data_ptr();
+  a->q_st = strides_of(q);
+  a->k = k.data_ptr();
+  a->k_st = strides_of(k);
+  a->rows = rows.data_ptr<int64_t>();
+  a->R = to_int(rows.size(1), "R");
+  a->n_split = abft::probe_splits(s.B, s.Hkv, s.Hq / s.Hkv, a->R, s.Lk);
+}
+
+std::vector<Tensor> probe_fwd(Tensor q, Tensor k, Tensor rows, c10::optional<Tensor> cols,
+                              c10::optional<Tensor> key_padding_mask, bool causal, double scale,
+                              int64_t window) {
+  q = prepare4(q, "q", q);
+  k = prepare4(k, "k", q);
+  Tensor kpm;
+  const abft::Shape s = make_shape(q, k, k, key_padding_mask, causal, scale, window, &kpm);
+  rows = prepare_index(rows, "probe_rows", s.B, q);
+  Tensor cols_c;
+  if (cols.has_value() && cols->defined()) cols_c = prepare_index(*cols, "probe_cols", s.B, q);
+#ifndef ABFT_EMULATION
+  const c10::cuda::CUDAGuard guard(q.device());
+#endif
+  abft::ProbeFwdArgs a;
+  set_probe(&a, s, q, k, rows);
+  a.cols = cols_c.defined() ? cols_c.data_ptr<int64_t>() : nullptr;
+  a.C = cols_c.defined() ? to_int(cols_c.size(1), "C") : s.Lk;
+  const auto f32 = q.options().dtype(at::kFloat);
+  Tensor p = at::empty({s.B, s.Hq, a.R, a.C}, f32);
+  Tensor lse = at::empty({s.B, s.Hq, a.R}, f32);
+  if (a.R == 0) return {p, lse};
+  if (a.C == 0) return {p, lse.fill_(-std::numeric_limits<double>::infinity())};
+  Tensor ml = at::empty({s.B, s.Hq, a.R, a.n_split, 2}, f32);
+  poison({p, lse, ml});
+  a.ml = ml.data_ptr<float>();
+  a.p = p.data_ptr<float>();
+  a.lse = lse.data_ptr<float>();
+  const char* err = abft::probe_fwd(a, current_stream());
+  TORCH_CHECK(err == nullptr, "abft_fast CUDA probe forward failed: ", err);
+  return {p, lse};
+}
+
+std::vector<Tensor> probe_bwd(Tensor q, Tensor k, Tensor rows, Tensor lse, Tensor u, Tensor e,
+                              c10::optional<Tensor> key_padding_mask, bool causal, double scale,
+                              int64_t window) {
+  q = prepare4(q, "q", q);
+  k = prepare4(k, "k", q);
+  Tensor kpm;
+  const abft::Shape s = make_shape(q, k, k, key_padding_mask, causal, scale, window, &kpm);
+  rows = prepare_index(rows, "probe_rows", s.B, q);
+  const int64_t R = rows.size(1);
+  const Tensor lse_c = prepare_f32(lse, "lse", {s.B, s.Hq, R}, q);
+  const Tensor u_c = prepare_f32(u, "u", {s.B, s.Hq, R}, q);
+  const Tensor e_c = prepare_f32(e, "e", {s.B, s.Hq, R, s.Lk}, q);
+#ifndef ABFT_EMULATION
+  const c10::cuda::CUDAGuard guard(q.device());
+#endif
+  abft::ProbeBwdArgs a;
+  set_probe(&a, s, q, k, rows);
+  Tensor dk = at::empty({s.B, s.Hkv, s.Lk, s.D}, k.options());
+  Tensor dq_part = at::empty({a.n_split, s.B, s.Hq, R, s.D}, q.options().dtype(at::kFloat));
+  poison({dk, dq_part});
+  a.lse = lse_c.data_ptr<float>();
+  a.u = u_c.data_ptr<float>();
+  a.e = e_c.data_ptr<float>();
+  a.dq_part = dq_part.data_ptr<float>();
+  a.dk = dk.data_ptr();
+  const char* err = abft::probe_bwd(a, current_stream());
+  TORCH_CHECK(err == nullptr, "abft_fast CUDA probe backward failed: ", err);
+  Tensor dq = a.n_split == 1 ? dq_part[0] : dq_part.sum(0);
+  return {dq.mul_(scale), dk};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "abft_fast CUDA attention kernels (forward: out, lse; backward: dq, dk, dv)";
+  m.doc() = "abft_fast CUDA attention kernels (forward: out, lse; backward: dq, dk, dv) and probe "
+            "kernels (probe_fwd: probs, lse; probe_bwd: dq of the probe rows, dk)";
   m.def("fwd", &fwd, "attention forward -> [out, lse]", py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("key_padding_mask"), py::arg("causal"), py::arg("scale"), py::arg("window"));
   m.def("bwd", &bwd, "attention backward -> [dq, dk, dv]", py::arg("dout"), py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("key_padding_mask"),
         py::arg("delta_extra"), py::arg("dq_extra"), py::arg("dk_extra"), py::arg("causal"),
         py::arg("scale"), py::arg("window"));
+  m.def("probe_fwd", &probe_fwd, "probe rows forward -> [probs, lse]", py::arg("q"),
+        py::arg("k"), py::arg("rows"), py::arg("cols"), py::arg("key_padding_mask"),
+        py::arg("causal"), py::arg("scale"), py::arg("window"));
+  m.def("probe_bwd", &probe_bwd, "probe rows backward -> [dq_rows (float32), dk]", py::arg("q"),
+        py::arg("k"), py::arg("rows"), py::arg("lse"), py::arg("u"), py::arg("e"),
+        py::arg("key_padding_mask"), py::arg("causal"), py::arg("scale"), py::arg("window"));
 }

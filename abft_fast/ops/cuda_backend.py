@@ -1,13 +1,22 @@
-"""Backend "cuda": autograd over the CUDA C++ kernels of csrc/, the fallback when Triton fails.
+"""Backend "cuda": the CUDA C++ kernels of csrc/, for machines where Triton cannot run.
+
+Two routes, chosen per call (docs/cuda-probes.md):
+
+- unmasked attention (no key padding mask, no window; causal with Lq < Lk included): the output
+  and its gradient from PyTorch's SDPA (``torch_backend.output``: cuDNN / flash on a GPU), the
+  probes from the CUDA probe kernels (csrc/probes.cuh): row lse and probabilities in the forward,
+  dk and the R rows of dq in the backward, O(R * L * d) work. They run as the torch.library ops
+  ``abft_fast::cuda_probe_rows`` / ``abft_fast::cuda_probe_rows_backward`` (fake implementations
+  and autograd registered, so ``torch.compile`` traces them).
+- key padding or a sliding window: the fused CUDA kernels (``fused.ExtensionEngine``): the
+  forward writes out and lse, probe probabilities come from lse
+  (``probe_math.probe_probs_from_lse``); the backward folds ``probe_math.probe_delta_extra`` and
+  the direct dq / dk terms in.
 
 The extension is the prebuilt ``abft_fast._cuda_ext`` when the package was installed with
 ``ABFT_FAST_BUILD_CUDA=1``; otherwise it is JIT-compiled with ninja through
 ``torch.utils.cpp_extension.load`` on first use and cached (see ``build_directory``). Importing this
 module never compiles anything and needs no GPU.
-
-Forward: the kernel writes out and lse; probe probabilities come from lse
-(``probe_math.probe_probs_from_lse``). Backward: ``probe_math.probe_backward`` turns the probe
-gradient into an extra delta term and direct dq / dk terms, which the kernel folds in.
 """
 from __future__ import annotations
 
@@ -20,12 +29,13 @@ from pathlib import Path
 import torch
 
 from ..util import cache_root
-from . import fused
+from . import fused, torch_backend
 from .spec import AttentionSpec
 
 MAX_HEAD_DIM = 256
 EXTENSION_NAME = "abft_fast_cuda_ext"
-JIT_SOURCES = ("binding.cpp", "attention_fwd.cu", "attention_bwd.cu")
+JIT_SOURCES = ("binding.cpp", "attention_fwd.cu", "attention_bwd.cu", "probes_fwd.cu",
+               "probes_bwd.cu")
 
 _log = logging.getLogger("abft_fast")
 _lock = threading.Lock()
@@ -110,10 +120,31 @@ def _jit_build():
     )
 
 
-def attention_with_extension(ext, q, k, v, spec: AttentionSpec):
-    """``attention`` on an explicit extension module (``ext.fwd`` / ``ext.bwd`` as in
-    csrc/binding.cpp); the tests pass the CPU-emulation build of the same kernels."""
+ROUTES = ("auto", "probes", "fused")
+
+
+def uses_probe_kernels(spec: AttentionSpec) -> bool:
+    """True when ``attention`` takes the SDPA + probe-kernel route (no padding, no window)."""
+    return spec.key_padding_mask is None and spec.window is None
+
+
+def attention_with_extension(ext, q, k, v, spec: AttentionSpec, route: str = "auto"):
+    """``attention`` on an explicit extension module (``ext.fwd`` / ``ext.bwd`` /
+    ``ext.probe_fwd`` / ``ext.probe_bwd`` as in csrc/binding.cpp), eager autograd; the tests pass
+    the CPU-emulation build of the same kernels. ``route``: "auto" (as ``attention``), "probes"
+    (SDPA + probe kernels; any mask, which the probe kernels support too, though the torch
+    backend then computes the output) or "fused" (the fused kernels, for any case)."""
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
     _check_head_dim(spec)
+    if route == "probes" or (route == "auto" and uses_probe_kernels(spec)):
+        out = torch_backend.output(q, k, v, spec)
+        probs = None
+        if spec.has_probes:
+            probs, _ = _ExtensionProbes.apply(ext, q, k, spec.key_padding_mask, spec.probe_rows,
+                                              spec.probe_cols, spec.causal, spec.scale,
+                                              spec.window or 0)
+        return out, probs
     out, _, probs = fused.FusedAttention.apply(fused.ExtensionEngine(ext), spec, q, k, v)
     return out, probs
 
@@ -130,4 +161,110 @@ def attention(q, k, v, spec: AttentionSpec):
     (out [B, Hq, Lq, D], probs [B, Hq, R, C] float32 or None)."""
     _check_head_dim(spec)
     load_extension()  # build (or fail, naming why) before the op runs
-    return fused.attention(q, k, v, spec, "cuda")
+    if not uses_probe_kernels(spec):
+        return fused.attention(q, k, v, spec, "cuda")
+    out = torch_backend.output(q, k, v, spec)
+    probs = None
+    if spec.has_probes:
+        probs, _ = probe_rows_op(q, k, spec.key_padding_mask, spec.probe_rows, spec.probe_cols,
+                                 spec.causal, spec.scale, spec.window or 0)
+    return out, probs
+
+
+# ------------------------------------------------------------------------------- probe kernels
+
+def _probe_backward(ext, dprobs, q, k, probs, lse, key_padding_mask, probe_rows, probe_cols,
+                    causal, scale, window):
+    """-> (dq [B,Hq,Lq,D] in q's dtype, non-zero on the probe rows only; dk [B,Hkv,Lk,D] in k's
+    dtype). ds = P G, u = sum_c ds, E = ds scattered to full rows; the kernels form
+    dS = E - u P against every visible key (csrc/probes.cuh)."""
+    b, hq, lq, d = q.shape
+    lk = k.shape[2]
+    ds = probs * dprobs.to(probs.dtype)  # 0 where P = 0: masked entries, unused slots
+    u = ds.sum(-1)
+    if probe_cols is None:
+        e = ds
+    else:
+        e = torch.zeros(b, hq, ds.shape[2], lk, dtype=ds.dtype, device=ds.device)
+        e.scatter_add_(3, probe_cols.clamp(min=0)[:, None, None, :].expand_as(ds), ds)
+    dq_rows, dk = ext.probe_bwd(q, k, probe_rows, lse, u, e, key_padding_mask, causal, scale,
+                                window)
+    # straight into q's dtype: no float32 [B, Hq, Lq, D] pass (dq_rows is 0 on unused slots)
+    dq = torch.zeros(b, hq, lq, d, dtype=q.dtype, device=q.device)
+    idx = probe_rows.clamp(min=0)[:, None, :, None].expand(b, hq, -1, d)
+    dq.scatter_add_(2, idx, dq_rows.to(q.dtype))
+    return dq, dk
+
+
+class _ExtensionProbes(torch.autograd.Function):
+    """The probe kernels of an explicit extension module (eager; see attention_with_extension)."""
+
+    @staticmethod
+    def forward(ctx, ext, q, k, key_padding_mask, probe_rows, probe_cols, causal, scale, window):
+        probs, lse = ext.probe_fwd(q, k, probe_rows, probe_cols, key_padding_mask, causal, scale,
+                                   window)
+        ctx.save_for_backward(q, k, probs, lse, key_padding_mask, probe_rows, probe_cols)
+        ctx.ext, ctx.cfg = ext, (causal, scale, window)
+        ctx.mark_non_differentiable(lse)
+        return probs, lse
+
+    @staticmethod
+    def backward(ctx, dprobs, _dlse):
+        q, k, probs, lse, kpm, rows, cols = ctx.saved_tensors
+        dq, dk = _probe_backward(ctx.ext, dprobs, q, k, probs, lse, kpm, rows, cols, *ctx.cfg)
+        return None, dq, dk, None, None, None, None, None, None
+
+
+@torch.library.custom_op("abft_fast::cuda_probe_rows", mutates_args=(), device_types=None)
+def probe_rows_op(q: torch.Tensor, k: torch.Tensor, key_padding_mask: torch.Tensor | None,
+                  probe_rows: torch.Tensor, probe_cols: torch.Tensor | None, causal: bool,
+                  scale: float, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (probs [B,Hq,R,C] float32, lse of the probe rows [B,Hq,R] float32), by the CUDA probe
+    kernels of the JIT-built (or prebuilt) extension."""
+    probs, lse = load_extension().probe_fwd(q, k, probe_rows, probe_cols, key_padding_mask,
+                                            causal, scale, window)
+    return probs, lse
+
+
+@probe_rows_op.register_fake
+def _(q, k, key_padding_mask, probe_rows, probe_cols, causal, scale, window):
+    b, hq = q.shape[:2]
+    r = probe_rows.shape[1]
+    c = k.shape[2] if probe_cols is None else probe_cols.shape[1]
+    return (q.new_empty((b, hq, r, c), dtype=torch.float32),
+            q.new_empty((b, hq, r), dtype=torch.float32))
+
+
+@torch.library.custom_op("abft_fast::cuda_probe_rows_backward", mutates_args=(),
+                         device_types=None)
+def probe_rows_backward_op(dprobs: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                           probs: torch.Tensor, lse: torch.Tensor,
+                           key_padding_mask: torch.Tensor | None, probe_rows: torch.Tensor,
+                           probe_cols: torch.Tensor | None, causal: bool, scale: float,
+                           window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (dq [B,Hq,Lq,D] in q's dtype, non-zero on the probe rows only; dk [B,Hkv,Lk,D])."""
+    return _probe_backward(load_extension(), dprobs, q, k, probs, lse, key_padding_mask,
+                           probe_rows, probe_cols, causal, scale, window)
+
+
+@probe_rows_backward_op.register_fake
+def _(dprobs, q, k, probs, lse, key_padding_mask, probe_rows, probe_cols, causal, scale, window):
+    return q.new_empty(q.shape), k.new_empty(k.shape)  # contiguous, as the real outputs
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, kpm, rows, cols, causal, scale, window = inputs
+    probs, lse = output
+    ctx.save_for_backward(q, k, probs, lse, kpm, rows, cols)
+    ctx.cfg = (causal, scale, window)
+
+
+def _backward(ctx, dprobs, _dlse):
+    q, k, probs, lse, kpm, rows, cols = ctx.saved_tensors
+    if dprobs is None:
+        return None, None, None, None, None, None, None, None
+    dq, dk = probe_rows_backward_op(dprobs, q, k, probs, lse, kpm, rows, cols, *ctx.cfg)
+    return dq, dk, None, None, None, None, None, None
+
+
+probe_rows_op.register_autograd(_backward, setup_context=_setup_context)
