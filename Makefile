@@ -53,12 +53,11 @@ bench: install
 bench-smoke: install
 	$(BIN)/python -m pytest -q bench --benchmark-disable
 
+# Every .cu for sm_80 and sm_90, two nvcc processes at a time.
 check-cuda:
 	mkdir -p build/check-cuda
-	for f in csrc/*.cu; do \
-	  $(NVCC) -std=c++17 -O3 -c $$f -o build/check-cuda/$$(basename $$f .cu)_sm80.o -gencode arch=compute_80,code=sm_80 || exit 1; \
-	  $(NVCC) -std=c++17 -O3 -c $$f -o build/check-cuda/$$(basename $$f .cu)_sm90.o -gencode arch=compute_90,code=sm_90 || exit 1; \
-	done
+	for f in csrc/*.cu; do for a in 80 90; do echo $$f $$a; done; done | xargs -P 2 -n 2 sh -c \
+	  '$(NVCC) -std=c++17 -O3 -c $$0 -o build/check-cuda/$$(basename $$0 .cu)_sm$$1.o -gencode arch=compute_$$1,code=sm_$$1'
 
 clean:
 	rm -rf build *.egg-info .pytest_cache
