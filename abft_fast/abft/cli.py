@@ -65,6 +65,16 @@ def _parser():
         sp.add_argument("--full-forward", action="store_true",
                         help="run the whole model in training (default: stop after the last "
                              "probed layer's attention)")
+        sp.add_argument("--gradient-checkpointing", action="store_true",
+                        help="HF activation checkpointing of every layer (non-reentrant)")
+        sp.add_argument("--max-length", type=int, default=0,
+                        help="longest prompt in tokens (0 = the model's context); longer prompts "
+                             "lose leading demonstrations, never the query")
+        sp.add_argument("--save-every", type=int, default=0,
+                        help="write a training checkpoint every N steps into OUT/checkpoints")
+        sp.add_argument("--resume", default=None,
+                        help="continue from a training checkpoint (a step-* directory or the "
+                             "checkpoints directory holding them: the newest)")
         sp.add_argument("--no-plots", action="store_true")
 
     tr = sub.add_parser("train", help="evaluate, train ABFT, evaluate again, write a report")
@@ -73,6 +83,8 @@ def _parser():
     ev = sub.add_parser("eval", help="evaluate a model (optionally with trained q/k weights)")
     common(ev)
     ev.add_argument("--weights", default=None, help="qk.safetensors written by train")
+    ev.add_argument("--max-length", type=int, default=0,
+                    help="longest prompt in tokens (0 = the model's context)")
     de = sub.add_parser("demo", help="a short ABFT run on SmolLM2-135M + SST-2 (< 10 min on CPU)")
     common(de, demo=True)
     training(de, demo=True)
@@ -100,7 +112,7 @@ def cmd_eval(args):
         model = load_qk(model, args.weights)
     task = data.load_task(args.dataset, args.k)
     res = evaluate(model, tok, task, args.eval_queries, args.eval_batch, args.robustness_queries,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, max_length=args.max_length)
     print(f"{task.name}: accuracy {res['accuracy']:.4f}  macro-F1 {res['macro_f1']:.4f}  "
           f"({res['n_prompts']} prompts, {res['seconds']:.0f} s)")
     if args.out:
@@ -112,42 +124,88 @@ def cmd_eval(args):
 
 
 def cmd_train(args, title="ABFT"):
+    """Evaluate, train, evaluate, write report.json + qk.safetensors (+ plots).
+
+    Under several processes (``accelerate launch`` / ``torchrun``) every process trains its share
+    of each step; the evaluations, the prints and every file are done by the main process only
+    (the others wait), and the output directory is the main process's."""
+    from accelerate.utils import broadcast_object_list
+
     from . import data, plots
     from .evaluate import evaluate
-    from .trainer import TrainConfig, save_qk, train
+    from .trainer import TrainConfig, full_qk_state, is_sharded, make_accelerator, save_qk, train
     t_all = time.perf_counter()
     _setup(args)
     cfg = TrainConfig(k=args.k, train_prompts=args.train_prompts, steps=args.steps,
                       batch=args.batch, micro_batch=args.micro_batch, lr=args.lr, a0=args.a0,
                       b=args.b, use_filter=not args.no_filter, use_pid=not args.no_pid,
                       seed=args.seed, lora=args.lora, lora_r=args.lora_r,
-                      stop_early=not args.full_forward).check()
-    out = args.out or os.path.join("runs", f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(out, exist_ok=True)
+                      stop_early=not args.full_forward,
+                      gradient_checkpointing=args.gradient_checkpointing,
+                      max_length=args.max_length).check()
+    if args.save_every < 0:
+        raise SystemExit(f"--save-every must be >= 0; got {args.save_every}")
+    acc = make_accelerator()
+    main_proc = acc.is_main_process
+    if (cfg.batch // cfg.micro_batch) % acc.num_processes:
+        raise ValueError(f"batch / micro_batch = {cfg.batch // cfg.micro_batch} must be a "
+                         f"multiple of the {acc.num_processes} processes")
+    out = [args.out or os.path.join("runs", f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")]
+    if acc.num_processes > 1:
+        out = broadcast_object_list(out)  # one output directory: the main process's
+    out = out[0]
+    if main_proc:
+        os.makedirs(out, exist_ok=True)
+
+    def say(*a):
+        if main_proc:
+            print(*a, flush=True)
+
     t = time.perf_counter()
     model, tok = load_model(args.model, args.dtype)
     load_s = time.perf_counter() - t
     task = data.load_task(args.dataset, args.k)
     prog = not args.no_progress
-    print(f"{title}: {args.model} on {task.name} ({len(task.label_words)} labels), "
-          f"k={args.k}, {cfg.steps} steps x {cfg.batch} samples, lr {cfg.lr}", flush=True)
-    before = evaluate(model, tok, task, args.eval_queries, args.eval_batch,
-                      args.robustness_queries, progress=prog)
-    print(f"accuracy before: {before['accuracy']:.4f} ({before['n_prompts']} prompts)", flush=True)
-    res = train(model, tok, task, cfg, progress=prog)
+    say(f"{title}: {args.model} on {task.name} ({len(task.label_words)} labels), "
+        f"k={args.k}, {cfg.steps} steps x {cfg.batch} samples, lr {cfg.lr}"
+        + (f", {acc.num_processes} processes" if acc.num_processes > 1 else ""))
+    # Evaluation runs on the main process only (the others wait), except with sharded weights
+    # (FSDP / DeepSpeed), where every forward is collective: then all processes evaluate the same
+    # prompts and only the main process prints and writes.
+    every = is_sharded(acc)
+    before = None
+    if main_proc or every:
+        before = evaluate(model, tok, task, args.eval_queries, args.eval_batch,
+                          args.robustness_queries, progress=prog, max_length=args.max_length)
+        say(f"accuracy before: {before['accuracy']:.4f} ({before['n_prompts']} prompts)")
+    acc.wait_for_everyone()
+    res = train(model, tok, task, cfg, progress=prog, accelerator=acc,
+                save_every=args.save_every, checkpoint_dir=os.path.join(out, "checkpoints"),
+                resume=args.resume)
     model = res.model
-    after = evaluate(model, tok, task, args.eval_queries, args.eval_batch,
-                     args.robustness_queries, progress=prog)
-    print(f"accuracy after:  {after['accuracy']:.4f} ({after['n_prompts']} prompts)", flush=True)
+    acc.wait_for_everyone()
+    after = full = None
+    if every:
+        after = evaluate(model, tok, task, args.eval_queries, args.eval_batch,
+                         args.robustness_queries, progress=prog, max_length=args.max_length)
+        full = full_qk_state(model)  # collective: all processes
+    if not main_proc:
+        return None
+    if after is None:
+        after = evaluate(model, tok, task, args.eval_queries, args.eval_batch,
+                         args.robustness_queries, progress=prog, max_length=args.max_length)
+    say(f"accuracy after:  {after['accuracy']:.4f} ({after['n_prompts']} prompts)")
     weights = os.path.join(out, "qk.safetensors")
-    save_qk(model, weights)
+    save_qk(model, weights, full=full)  # full: the gathered tensors when sharded
     steps_s = [h["seconds"] for h in res.history]
     report = {
         "model": args.model, "dataset": task.name, "staicc_dataset": task.staicc_name,
         "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
         "macro_f1_before": before["macro_f1"], "macro_f1_after": after["macro_f1"],
         "train_seconds": res.seconds, "mean_step_seconds": sum(steps_s) / len(steps_s),
-        "model_load_seconds": load_s, "settings": {**asdict(cfg), **{
+        "model_load_seconds": load_s, "processes": acc.num_processes,
+        "distributed_type": str(acc.distributed_type),
+        "settings": {**asdict(cfg), **{
             k: v for k, v in vars(args).items() if k not in asdict(cfg)}},
         "history": res.history, "eval_before": before, "eval_after": after,
         "weights": weights, "command": " ".join(["abft-fast"] + sys.argv[1:]),
@@ -159,11 +217,13 @@ def cmd_train(args, title="ABFT"):
         plots.training_curve(res.history, os.path.join(out, "training.png"),
                              f"{args.model} / {task.name}")
     report["total_seconds"] = time.perf_counter() - t_all
-    with open(os.path.join(out, "report.json"), "w") as f:
+    tmp = os.path.join(out, f".report.json.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
         json.dump(report, f, indent=1)
-    print(f"accuracy {before['accuracy']:.4f} -> {after['accuracy']:.4f}; "
-          f"train {res.seconds:.0f} s, total {report['total_seconds']:.0f} s; report in "
-          f"{os.path.join(out, 'report.json')}", flush=True)
+    os.replace(tmp, os.path.join(out, "report.json"))
+    say(f"accuracy {before['accuracy']:.4f} -> {after['accuracy']:.4f}; "
+        f"train {res.seconds:.0f} s, total {report['total_seconds']:.0f} s; report in "
+        f"{os.path.join(out, 'report.json')}")
     return report
 
 

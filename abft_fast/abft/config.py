@@ -26,12 +26,19 @@ class TrainConfig:
     lora: bool = False
     lora_r: int = 16
     stop_early: bool = True    # stop the forward after the last probed layer's attention
+    gradient_checkpointing: bool = False  # HF non-reentrant activation checkpointing per layer
+    max_length: int = 0        # longest prompt in tokens (0 = the model's context); longer
+                               # prompts lose leading demonstrations, never the query
 
     def check(self):
         for name in ("k", "train_prompts", "steps", "batch", "micro_batch", "lora_r"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int; got {v!r}")
+        if not isinstance(self.max_length, int) or isinstance(self.max_length, bool) or (
+                self.max_length < 0 or self.max_length == 1):
+            raise ValueError(f"max_length must be 0 (the model's context) or an int >= 2; got "
+                             f"{self.max_length!r}")
         if self.batch % self.micro_batch:
             raise ValueError(f"batch ({self.batch}) must be a multiple of micro_batch "
                              f"({self.micro_batch})")

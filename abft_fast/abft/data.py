@@ -59,6 +59,25 @@ class Prompt:
     label_chars: list   # char index where each demonstration's label word starts
     demo_labels: list   # label index of each demonstration
     query_label: int    # gold label of the query (-1 if unknown)
+    demo_chars: list | None = None  # char index where each demonstration starts
+    query_char: int | None = None   # char index where the query starts
+    head_chars: int = 0             # length of the instruction before the first demonstration
+
+    def drop_demos(self, n: int) -> Prompt:
+        """The same prompt without its first ``n`` demonstrations (the farthest from the query);
+        the instruction and the query stay."""
+        if self.demo_chars is None or self.query_char is None:
+            raise ValueError("this prompt does not record where its demonstrations start")
+        if not 0 <= n <= len(self.demo_chars):
+            raise ValueError(f"cannot drop {n} of {len(self.demo_chars)} demonstrations")
+        if n == 0:
+            return self
+        cut = self.demo_chars[n] if n < len(self.demo_chars) else self.query_char
+        shift = cut - self.head_chars
+        return Prompt(self.text[:self.head_chars] + self.text[cut:],
+                      [c - shift for c in self.label_chars[n:]], list(self.demo_labels[n:]),
+                      self.query_label, [c - shift for c in self.demo_chars[n:]],
+                      self.query_char - shift, self.head_chars)
 
 
 def write_prompt(template: Template, label_words, demos, query_inputs) -> Prompt | tuple:
@@ -71,6 +90,7 @@ def write_prompt(template: Template, label_words, demos, query_inputs) -> Prompt
     if len(template.input_affixes) != n_in:
         raise ValueError("template: input_prefixes and input_affixes differ in length")
     parts, label_chars, pos = [template.instruction], [], len(template.instruction)
+    demo_chars = []
 
     def add(s):
         nonlocal pos
@@ -82,11 +102,13 @@ def write_prompt(template: Template, label_words, demos, query_inputs) -> Prompt
             raise ValueError(f"demos: an example has {len(ex.inputs)} inputs, template has {n_in}")
         if not 0 <= ex.label < len(label_words):
             raise ValueError(f"demos: label {ex.label} outside 0..{len(label_words) - 1}")
+        demo_chars.append(pos)
         for i in range(n_in):
             add(template.input_prefixes[i] + ex.inputs[i] + template.input_affixes[i])
         add(template.label_prefix)
         label_chars.append(pos)
         add(label_words[ex.label] + template.label_affix)
+    query_char = pos
     add(template.query_prefix)
     if len(query_inputs) != n_in:
         raise ValueError(f"query_inputs: {len(query_inputs)} inputs, template has {n_in}")
@@ -94,7 +116,8 @@ def write_prompt(template: Template, label_words, demos, query_inputs) -> Prompt
         add(template.input_prefixes[i] + query_inputs[i] + template.input_affixes[i])
     add(template.label_prefix)
     text = "".join(parts).rstrip()
-    return Prompt(text, label_chars, [ex.label for ex in demos], -1)
+    return Prompt(text, label_chars, [ex.label for ex in demos], -1, demo_chars, query_char,
+                  len(template.instruction))
 
 
 @dataclass
@@ -246,21 +269,67 @@ class Encoded:
     label_pos: list    # token index of each demonstration's label
     demo_labels: list
     query_label: int
+    dropped: int = 0   # demonstrations dropped (from the front) to fit max_length
 
 
-def encode(tokenizer, prompts, max_length: int | None = None, label_ids=None) -> list:
+def context_length(model, max_length: int = 0) -> int | None:
+    """The longest prompt to build for ``model``: ``max_length`` if > 0, else the model config's
+    ``max_position_embeddings`` (None if it has none)."""
+    if max_length:
+        return int(max_length)
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    n = getattr(cfg, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def _fit(tokenizer, p, enc, max_length):
+    """Drop the fewest leading demonstrations so that ``p`` fits in ``max_length`` tokens.
+    Returns (prompt, encoding, dropped)."""
+    k, n = len(p.label_chars), len(enc["input_ids"])
+    if p.demo_chars is None:
+        raise ValueError(f"a prompt has {n} tokens > max_length {max_length} and records no "
+                         "demonstration offsets to truncate")
+    offs = enc["offset_mapping"]
+    starts = [_token_at(offs, c) for c in p.demo_chars] + [_token_at(offs, p.query_char)]
+    first = starts[0] if starts[0] >= 0 else 0
+    drop = 1
+    while drop < k and starts[drop] >= 0 and n - (starts[drop] - first) > max_length:
+        drop += 1
+    while True:  # the estimate from the full prompt's offsets, checked on the real tokenization
+        q = p.drop_demos(drop)
+        e = tokenizer(q.text, return_offsets_mapping=True)
+        if len(e["input_ids"]) <= max_length:
+            return q, e, drop
+        if drop == k:
+            raise ValueError(f"the query alone (no demonstrations) has {len(e['input_ids'])} "
+                             f"tokens > max_length {max_length}: {q.text[-200:]!r}")
+        drop += 1
+
+
+def encode(tokenizer, prompts, max_length: int | None = None, label_ids=None,
+           truncate: bool = False) -> list:
     """Tokenize prompts (with the tokenizer's special tokens) and locate each label token.
 
     The label position is the token covering the label word's first character (found through
     the fast tokenizer's offset mapping, so it follows the real tokenization of the whole prompt).
     With ``label_ids`` (from ``label_token_ids``), warns when a demonstration's label is not
     tokenized to its label id (e.g. a token merged across the label's boundary).
+    A prompt longer than ``max_length`` tokens raises, or with ``truncate`` loses its first
+    demonstrations (the farthest from the query; never the query or the instruction) until it
+    fits; ``Encoded.dropped`` counts them.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError("tokenizer must be a fast (Rust) tokenizer: offsets are needed")
-    out, off_id = [], 0
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
+        raise ValueError(f"max_length must be an int >= 2 or None; got {max_length!r}")
+    out, off_id, n_cut = [], 0, 0
     for p in prompts:
         enc = tokenizer(p.text, return_offsets_mapping=True)
+        dropped = 0
+        if truncate and max_length is not None and len(enc["input_ids"]) > max_length:
+            p, enc, dropped = _fit(tokenizer, p, enc, max_length)
+            n_cut += 1
         offs = enc["offset_mapping"]
         pos = []
         for c in p.label_chars:
@@ -272,7 +341,12 @@ def encode(tokenizer, prompts, max_length: int | None = None, label_ids=None) ->
             off_id += sum(enc["input_ids"][t] != label_ids[lab] for t, lab in zip(pos, p.demo_labels))
         if max_length is not None and len(enc["input_ids"]) > max_length:
             raise ValueError(f"a prompt has {len(enc['input_ids'])} tokens > max_length {max_length}")
-        out.append(Encoded(list(enc["input_ids"]), pos, list(p.demo_labels), p.query_label))
+        out.append(Encoded(list(enc["input_ids"]), pos, list(p.demo_labels), p.query_label,
+                           dropped))
+    if n_cut:
+        warnings.warn(f"{n_cut} of {len(out)} prompts were longer than {max_length} tokens and "
+                      f"lost {sum(e.dropped for e in out)} leading demonstrations in all",
+                      stacklevel=2)
     if off_id:
         warnings.warn(f"{off_id} demonstration label(s) are not tokenized as their label token; "
                       "their attention position is the token covering the label's first character",

@@ -28,8 +28,11 @@ def _decoder_and_head(model):
 
 @torch.no_grad()
 def score_prompts(model, tokenizer, prompts, label_ids, batch=8, probe=True, progress=True,
-                  desc="eval"):
+                  desc="eval", max_length=0):
     """Label logits at the last position for each prompt.
+
+    Prompts longer than ``max_length`` tokens (0: the model's context) lose leading
+    demonstrations (see ``data.encode``), as in training.
 
     Returns (logits [N, n_labels] float32, mass dict or None) where mass has per-layer means over
     heads and prompts of the last row's attention on correct / wrong demonstration labels.
@@ -43,7 +46,8 @@ def score_prompts(model, tokenizer, prompts, label_ids, batch=8, probe=True, pro
     if bias is not None:
         bias = bias[torch.tensor(label_ids, device=device)]
     cap = getattr(lm.config, "final_logit_softcapping", None)
-    enc = data.encode(tokenizer, prompts)
+    enc = data.encode(tokenizer, prompts, max_length=data.context_length(lm, max_length),
+                      truncate=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = sorted(range(len(enc)), key=lambda i: len(enc[i].input_ids))
     logits = torch.zeros(len(enc), len(label_ids))
@@ -113,7 +117,7 @@ def consistency(preds, group):
 
 
 def evaluate(model, tokenizer, task: data.Task, n_queries=None, batch=8, robustness_queries=0,
-             progress=True, probe=True):
+             progress=True, probe=True, max_length=0):
     """The paper's protocol on ``task``: ``n_queries`` (default 512) fixed test queries x 2
     demonstration samplings. ``robustness_queries`` > 0 adds StaICC's consistency across its 9
     templates and across 8 demonstration samplings on that many queries."""
@@ -121,7 +125,7 @@ def evaluate(model, tokenizer, task: data.Task, n_queries=None, batch=8, robustn
     label_ids = data.label_token_ids(tokenizer, task.label_words, task.template.label_prefix)
     prompts = data.eval_prompts(task, n_queries)
     logits, mass = score_prompts(model, tokenizer, prompts, label_ids, batch, probe, progress,
-                                 desc=f"eval {task.name}")
+                                 desc=f"eval {task.name}", max_length=max_length)
     pred = logits.argmax(1).tolist()
     gold = [p.query_label for p in prompts]
     correct = [p == g for p, g in zip(pred, gold)]
@@ -138,18 +142,18 @@ def evaluate(model, tokenizer, task: data.Task, n_queries=None, batch=8, robustn
     }
     if robustness_queries:
         tp = data.template_prompts(task, robustness_queries)
-        tl = _template_predictions(model, tokenizer, task, tp, batch, progress)
+        tl = _template_predictions(model, tokenizer, task, tp, batch, progress, max_length)
         res["template_consistency"] = consistency(tl, len(data.L9))
         dp = data.demo_sampling_prompts(task, robustness_queries)
         dl, _ = score_prompts(model, tokenizer, dp, label_ids, batch, False, progress,
-                              desc=f"demo consistency {task.name}")
+                              desc=f"demo consistency {task.name}", max_length=max_length)
         res["demo_consistency"] = consistency(dl.argmax(1).tolist(), 8)
         res["robustness_queries"] = robustness_queries
     res["seconds"] = time.perf_counter() - t0
     return res
 
 
-def _template_predictions(model, tokenizer, task, prompts, batch, progress):
+def _template_predictions(model, tokenizer, task, prompts, batch, progress, max_length=0):
     # Label ids depend on the template's label prefix; score each template's prompts with its own.
     temps = data.template_variants(task)
     preds = [None] * len(prompts)
@@ -157,7 +161,7 @@ def _template_predictions(model, tokenizer, task, prompts, batch, progress):
         idx = list(range(t_i, len(prompts), len(temps)))
         ids = data.label_token_ids(tokenizer, task.label_words, t.label_prefix)
         lg, _ = score_prompts(model, tokenizer, [prompts[i] for i in idx], ids, batch, False,
-                              progress, desc=f"template {t_i + 1}/9")
+                              progress, desc=f"template {t_i + 1}/9", max_length=max_length)
         for i, p in zip(idx, lg.argmax(1).tolist()):
             preds[i] = p
     return preds

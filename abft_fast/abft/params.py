@@ -102,13 +102,14 @@ def add_lora(model, r=16, alpha=None):
     return get_peft_model(model, cfg)
 
 
-def save_qk(model, path):
-    """Save the trained W_Q/W_K (or LoRA factors) as a small safetensors file."""
+def save_qk(model, path, full=None):
+    """Save the trained W_Q/W_K (or LoRA factors) as a small safetensors file. ``full``:
+    id(parameter) -> full tensor, for parameters sharded over processes (FSDP)."""
     from safetensors.torch import save_file
     qk = qk_parameters(model)
     tensors, meta = {}, {"format": "abft-qk", "lora": "0"}
     for q in qk:
-        t = q.param.detach()
+        t = q.param.detach() if full is None or id(q.param) not in full else full[id(q.param)]
         if q.keep is not None:
             dim, stop = q.keep
             t = t.narrow(dim, 0, stop)

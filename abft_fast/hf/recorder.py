@@ -1,5 +1,15 @@
 """Probe recording: ``probe(model, rows, cols)`` collects every layer's probe probabilities
-during one forward of a model running ``attn_implementation="abft_fast"``."""
+during one forward of a model running ``attn_implementation="abft_fast"``.
+
+Gradient checkpointing (HF ``gradient_checkpointing_enable`` with ``use_reentrant=False``) is
+supported: inside the context, each checkpointing layer's checkpoint function is wrapped so that
+the checkpointed function carries its recorder with it. Its first call (the forward) records; a
+second call of that same function (the recomputation during backward, after the context has
+closed) gets the same probe indices -- so the recomputed attention saves the same tensors as the
+first pass -- but records nothing. The probes recorded in the first pass keep the autograd graph
+of the checkpointed forward, so ``loss(rec.probs).backward()`` works and gives the gradients of
+the run without checkpointing. Reentrant checkpointing (whose forward runs without autograd) is
+refused."""
 from __future__ import annotations
 
 import contextlib
@@ -27,6 +37,8 @@ class ProbeRecorder:
         self.layers: list[int] = []  # layer index of each entry of per_layer
         self._on_device: dict = {}
         self._checked: set = set()
+        self._module_ids: set = set()
+        self.recomputed: int = 0  # attention calls replayed by checkpoint recomputation
 
     @property
     def probs(self) -> torch.Tensor:
@@ -64,22 +76,100 @@ class ProbeRecorder:
         idx = getattr(module, "layer_idx", None)
         if idx is None:
             idx = len(self.layers)
+        replay = _replaying()
+        if replay is not None and replay[0] is self:
+            # Gradient-checkpointing recomputation: the probes of this call were recorded in the
+            # first pass (with the graph that the recomputation now refills); keep those.
+            self._check_replay(int(idx), probs, replay[1])
+            return
         if idx in self.layers:
             raise RuntimeError(
                 f"attention layer {idx} ran twice inside one probe() context (a second forward, "
-                "generate(), or gradient-checkpointing recomputation); record one forward pass per "
+                "generate(), or a recomputation the recorder does not know: only HF's non-reentrant "
+                "gradient checkpointing is recognised); record one forward pass per "
                 "`with probe(...)` block")
         self.layers.append(int(idx))
         self.per_layer.append(probs)
 
+    def _check_replay(self, idx, probs, seen):
+        if idx not in self.layers:
+            raise RuntimeError(
+                f"gradient-checkpointing recomputation ran attention layer {idx}, which the "
+                f"recorded forward did not run (recorded layers {self.layers})")
+        if idx in seen:
+            raise RuntimeError(f"attention layer {idx} ran twice in one checkpoint recomputation")
+        seen.add(idx)
+        first = self.per_layer[self.layers.index(idx)]
+        if first.shape != probs.shape or first.dtype != probs.dtype:
+            raise RuntimeError(
+                f"gradient-checkpointing recomputation of layer {idx} gave probes of shape "
+                f"{tuple(probs.shape)} {probs.dtype}, the forward {tuple(first.shape)} "
+                f"{first.dtype}: the recomputation is not the recorded forward")
+        self.recomputed += 1
+
 
 _lock = threading.Lock()
 _active: dict[int, ProbeRecorder] = {}  # id(attention module) -> recorder of its model
+_tls = threading.local()  # .stack: [(recorder, layers seen)] of checkpoint recomputations running
+
+
+def _replaying():
+    stack = getattr(_tls, "stack", None)
+    return stack[-1] if stack else None
 
 
 def active_recorder(module) -> ProbeRecorder | None:
-    """The recorder of the ``probe`` context ``module`` runs in, if any."""
+    """The recorder of the ``probe`` context ``module`` runs in, if any (also while a
+    gradient-checkpointing recomputation of a recorded forward replays ``module``)."""
+    replay = _replaying()
+    if replay is not None and id(module) in replay[0]._module_ids:
+        return replay[0]
     return _active.get(id(module))
+
+
+class _CheckpointedFunction:
+    """The function a checkpointing layer hands to its checkpoint function, bound to a recorder:
+    the first call is the recorded forward, later calls are recomputations (replays)."""
+
+    def __init__(self, fn, rec, grad_outside):
+        self.fn, self.rec, self.grad_outside = fn, rec, grad_outside
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == 1:
+            if self.grad_outside and not torch.is_grad_enabled():
+                raise NotImplementedError(
+                    "probe() does not support reentrant gradient checkpointing (its forward runs "
+                    "without autograd, so the probes would have no gradient): enable it with "
+                    "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                    "{'use_reentrant': False})")
+            return self.fn(*args, **kwargs)
+        stack = getattr(_tls, "stack", None)
+        if stack is None:
+            stack = _tls.stack = []
+        stack.append((self.rec, set()))
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            stack.pop()
+
+
+def _wrap_checkpointing(model, rec) -> list:
+    """Bind every checkpointing layer's checkpoint function to ``rec`` (see the module doc).
+    Returns [(module, original)] to restore."""
+    wrapped = []
+    for m in model.modules():
+        orig = m.__dict__.get("_gradient_checkpointing_func")
+        if orig is None or not getattr(m, "gradient_checkpointing", False):
+            continue
+
+        def ckpt(function, *args, _orig=orig, **kwargs):
+            return _orig(_CheckpointedFunction(function, rec, torch.is_grad_enabled()),
+                         *args, **kwargs)
+        m._gradient_checkpointing_func = ckpt
+        wrapped.append((m, orig))
+    return wrapped
 
 
 @contextlib.contextmanager
@@ -93,7 +183,9 @@ def probe(model: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor | None 
 
     Yields a :class:`ProbeRecorder`; after the forward, ``rec.probs`` is
     [num_layers, B, Hq, R, C] and ``rec.layers`` the layer indices that ran. Unused slots and
-    masked (padding, future, out-of-window) entries are 0. The probes keep their autograd graph.
+    masked (padding, future, out-of-window) entries are 0. The probes keep their autograd graph,
+    also under HF's non-reentrant gradient checkpointing (its recomputation during backward, inside
+    or after the context, replays the probes without recording them again).
     """
     rows = check_index_tensor("rows", rows, strict_dtype=False)
     check_index_values("rows", rows, None)
@@ -107,15 +199,9 @@ def probe(model: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor | None 
             f"probe() needs a model running attn_implementation={NAME!r}, this one uses {impl!r}: "
             f"load it with attn_implementation={NAME!r} or call "
             f"model.set_attn_implementation({NAME!r}) (after `import abft_fast.hf`)")
-    gc_attr = ("is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing")
-               else "is_gradient_checkpointing")
-    if getattr(model, gc_attr, False) and model.training:
-        raise NotImplementedError(
-            "probe() does not support gradient checkpointing (the recomputation would run the "
-            "attention again outside the recorded forward); call "
-            "model.gradient_checkpointing_disable()")
     rec = ProbeRecorder(rows, cols)
     ids = [id(m) for m in model.modules()]
+    rec._module_ids = set(ids)
     with _lock:
         busy = [i for i in ids if i in _active]
         if busy:
@@ -123,9 +209,13 @@ def probe(model: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor | None 
                                "on one model are not supported")
         for i in ids:
             _active[i] = rec
+    wrapped = []
     try:
+        wrapped = _wrap_checkpointing(model, rec)
         yield rec
     finally:
+        for m, orig in wrapped:
+            m._gradient_checkpointing_func = orig
         with _lock:
             for i in ids:
                 if _active.get(i) is rec:

@@ -146,3 +146,45 @@ def test_label_positions_on_smollm2_tokenizer(sst2, trec):
             enc = data.encode(tok, data.eval_prompts(task, 32), label_ids=ids)
         assert all(e.input_ids[p] == ids[lab] for e in enc
                    for p, lab in zip(e.label_pos, e.demo_labels))
+
+
+def test_many_shot_prompts_truncate_demonstrations_never_the_query(sst2, corpus):
+    tok = FAMILIES["llama"](corpus, vocab=600)
+    k = 64
+    prompts = data.training_prompts(sst2, 3, k, seed=0)
+    full = data.encode(tok, prompts)
+    assert all(len(e.label_pos) == k and e.dropped == 0 for e in full)
+    limit = min(len(e.input_ids) for e in full) // 2
+    with pytest.raises(ValueError, match="max_length"):
+        data.encode(tok, prompts, max_length=limit)
+    with pytest.warns(UserWarning, match="lost .* leading demonstrations"):
+        cut = data.encode(tok, prompts, max_length=limit, truncate=True)
+    for p, e, f in zip(prompts, cut, full):
+        assert len(e.input_ids) <= limit
+        assert 0 < e.dropped < k and len(e.label_pos) == k - e.dropped
+        # the last demonstrations and the query are kept, with their labels
+        assert e.demo_labels == p.demo_labels[e.dropped:] and e.query_label == p.query_label
+        assert e.input_ids[-20:] == f.input_ids[-20:]
+        # each kept label position still holds the same label token as in the full prompt
+        shift = len(f.input_ids) - len(e.input_ids)
+        assert [e.input_ids[t] for t in e.label_pos] == \
+            [f.input_ids[t] for t in f.label_pos[e.dropped:]]
+        assert all(t + shift in f.label_pos for t in e.label_pos[1:])
+        # dropping one demonstration fewer would not fit
+        longer = tok(p.drop_demos(e.dropped - 1).text)["input_ids"]
+        assert len(longer) > limit
+    b = data.collate(cut, tok.pad_token_id)
+    assert b.cols.shape[1] == max(len(e.label_pos) for e in cut)
+    assert ((b.cols >= 0).sum(1) == torch.tensor([len(e.label_pos) for e in cut])).all()
+    # a query that alone exceeds the limit is an error, not a silent cut
+    with pytest.raises(ValueError, match="the query alone"):
+        data.encode(tok, prompts[:1], max_length=8, truncate=True)
+    with pytest.raises(ValueError, match="max_length must be"):
+        data.encode(tok, prompts, max_length=1)
+    assert data.context_length(None, 100) == 100
+
+
+def test_many_shot_eval_prompts_at_k(sst2):
+    task = data.load_task("sst2", 32)
+    ps = data.eval_prompts(task, 4)
+    assert all(len(p.demo_labels) == 32 for p in ps)
