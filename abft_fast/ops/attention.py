@@ -162,11 +162,22 @@ def _run_auto(q, k, v, spec: AttentionSpec):
             continue
         try:
             return _backend_module(name).attention(q, k, v, spec)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, torch.OutOfMemoryError):
             raise
         except Exception as e:  # compile / build failure: fall back once, loudly
+            if _is_device_error(e):  # a CUDA error or device assert: the engine is not broken
+                raise
             _mark_broken(name, f"{type(e).__name__}: {e}")
     return _backend_module("torch").attention(q, k, v, spec)
+
+
+def _is_device_error(e: Exception) -> bool:
+    """A CUDA error, device-side assert or out-of-memory (whatever exception type carries it):
+    the state of the device, not a broken engine."""
+    if hasattr(torch, "AcceleratorError") and isinstance(e, torch.AcceleratorError):
+        return True
+    msg = str(e)
+    return any(w in msg for w in ("CUDA error", "device-side assert", "out of memory"))
 
 
 def _mark_broken(name, why):

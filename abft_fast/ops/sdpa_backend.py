@@ -9,7 +9,8 @@ into dk (every visible key) and dq (the R probe rows); dv gets nothing (docs/des
 
 Where Triton cannot run (a CPU without TRITON_INTERPRET=1, float64) the probes come from the
 torch backend's probe path (the same maths through autograd). Unmasked attention only: no key
-padding, no window (causal with Lq < Lk uses SDPA's lower-right causal bias).
+padding, no window (causal with Lq != Lk runs the torch backend's query-block path for the
+output).
 """
 from __future__ import annotations
 
@@ -37,10 +38,18 @@ def attention(q, k, v, spec: AttentionSpec):
 
 def _fused_backward(q, k, v, spec: AttentionSpec) -> bool:
     """Eager training calls with probes take the one-Function path (below); torch.compile, no
-    grad, float64 or an empty probe set take the composite path (SDPA + the probe op)."""
+    grad, float64, an empty probe set, or saved-tensor hooks (non-reentrant gradient
+    checkpointing, offloading: the nested backward would run the checkpointed layer a second
+    time) take the composite path (SDPA + the probe op)."""
     return (spec.has_probes and spec.probe_rows.shape[1] > 0 and spec.n_cols > 0
             and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-            and not torch.compiler.is_compiling() and _triton_probes(q))
+            and not torch.compiler.is_compiling() and not _saved_tensor_hooks_active()
+            and _triton_probes(q))
+
+
+def _saved_tensor_hooks_active() -> bool:
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None  # unknown torch: assume active (composite)
 
 
 class SdpaWithProbes(torch.autograd.Function):
@@ -69,6 +78,12 @@ class SdpaWithProbes(torch.autograd.Function):
         from ..kernels.probes import probe_rows_bwd
         q, k, probs, lse = ctx.saved_tensors
         spec = ctx.spec
+        if ctx.graph is None:
+            raise RuntimeError(
+                "abft_fast backend='sdpa': this attention call was already differentiated; a "
+                "second backward through it (retain_graph=True) is not supported on the "
+                "one-node training path. Use backend='torch', or run the call under "
+                "torch.compile (the composite path)")
         out, leaves = ctx.graph
         ctx.graph = None
         grads = [None, None, None]

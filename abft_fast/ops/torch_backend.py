@@ -1,11 +1,12 @@
 """Backend "torch": PyTorch only, every device and dtype (float64 too); autograd does the backward.
 
 Output. Unmasked attention (no padding, no window; causal only with Lq == Lk) is one
-``scaled_dot_product_attention`` call without a mask. Causal attention with Lq < Lk and nothing
-else is one call with the lower-right ``CausalBias`` (no tensor mask). Anything with a key padding
-mask or a window runs over blocks of query rows: each block sees only the keys of its causal /
-window band and gets a [B, 1, block, band] bool mask, never [L, L]; the block is sized so that the
-mask stays under ``MASK_BUDGET`` elements.
+``scaled_dot_product_attention`` call without a mask. Anything else (key padding, a window, causal
+with Lq != Lk) runs over blocks of query rows: each block sees only the keys of its causal /
+window band and gets a [B, 1, block, band] bool mask, never [L, L]: blocks of at most
+``BLOCK_ROWS`` rows, fewer when B x block x Lk would pass ``MASK_BUDGET`` elements. (SDPA's
+lower-right ``CausalBias`` is not used: without a fused kernel PyTorch materialises it as an
+Lq x Lk mask, and it gives NaN rows when Lq > Lk.)
 
 Probes: the R probe rows' scores against all keys, their log-sum-exp, then the C gathered columns:
 O(R * Lk) memory per head.
@@ -32,13 +33,10 @@ def attention(q, k, v, spec: AttentionSpec):
 def output(q, k, v, spec: AttentionSpec):
     """[B, Hq, Lq, D]; rows with no visible key give 0."""
     gqa = spec.q_heads != spec.kv_heads
-    if spec.key_padding_mask is None and spec.window is None:
-        if not spec.causal or spec.q_len == spec.k_len:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=spec.causal,
-                                                  scale=spec.scale, enable_gqa=gqa)
-        from torch.nn.attention.bias import causal_lower_right
-        return F.scaled_dot_product_attention(q, k, v, causal_lower_right(spec.q_len, spec.k_len),
-                                              scale=spec.scale, enable_gqa=gqa)
+    if (spec.key_padding_mask is None and spec.window is None
+            and (not spec.causal or spec.q_len == spec.k_len)):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=spec.causal, scale=spec.scale,
+                                              enable_gqa=gqa)
     block = max(16, min(BLOCK_ROWS, MASK_BUDGET // max(1, spec.batch * spec.k_len)))
     parts = [_masked_block(q, k, v, spec, s, min(spec.q_len, s + block), gqa)
              for s in range(0, spec.q_len, block)]
@@ -52,12 +50,14 @@ def _band(spec: AttentionSpec, q0: int, q1: int) -> tuple[int, int]:
         hi = min(spec.k_len, q1 + spec.offset)
         if spec.window is not None:
             lo = max(0, q0 + spec.offset - spec.window + 1)
-    return lo, hi  # hi > lo: query q0 sees at least key q0 + offset's band
+    return lo, hi  # hi <= lo only when Lq > Lk and the block lies before the first key
 
 
 def _masked_block(q, k, v, spec: AttentionSpec, q0: int, q1: int, gqa: bool):
     b = spec.batch
     lo, hi = _band(spec, q0, q1)
+    if hi <= lo:  # Lq > Lk: these query rows come before every key and see none
+        return q.new_zeros(b, spec.q_heads, q1 - q0, spec.head_dim)
     rows = torch.arange(q0, q1, device=q.device).unsqueeze(0).expand(b, -1)
     cols = torch.arange(lo, hi, device=q.device)
     kpm = spec.key_padding_mask

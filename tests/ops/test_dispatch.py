@@ -78,3 +78,20 @@ def test_auto_does_not_swallow_argument_errors(monkeypatch):
     q = torch.randn(1, 1, 2, 16)
     with pytest.raises(ValueError, match="bad shape"):
         A._run_auto(q, q, q, spec_of(q, q, q))
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory (made up)"),
+                                   RuntimeError("CUDA error: device-side assert triggered")],
+                         ids=["oom", "device-assert"])
+def test_auto_does_not_drop_an_engine_on_device_errors(monkeypatch, error):
+    class Failing:
+        def attention(self, *a):
+            raise error
+    monkeypatch.setattr(A, "_backend_module", lambda n: Failing())
+    monkeypatch.setattr(A, "_available", lambda n, d: (True, ""))
+    monkeypatch.setattr(A, "choose_backend", lambda d, t, s: ["triton", "torch"])
+    monkeypatch.setattr(A, "_broken", {})
+    q = torch.randn(1, 1, 2, 16)
+    with pytest.raises(type(error)):
+        A._run_auto(q, q, q, spec_of(q, q, q))
+    assert A._broken == {}

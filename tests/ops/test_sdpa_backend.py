@@ -166,3 +166,37 @@ def test_one_function_path_equals_composite_path(case, dtype, monkeypatch):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for name in one:
         assert rel_err(one[name], composite[name]) <= tol, name
+
+
+def test_gradient_checkpointing_recomputes_once():
+    """Under non-reentrant checkpointing the composite path runs (the one-node path's nested
+    backward would recompute the layer a second time): the function runs twice in all, forward
+    and one recomputation, and the gradients equal the run without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+    q, k, v = (torch.randn(2, 4 // h, 12, 16, device=DEV, requires_grad=True) for h in (1, 2, 2))
+    rows = torch.tensor([[11, 3], [5, -1]], device=DEV)
+    calls = []
+
+    def layer(q, k, v):
+        calls.append(1)
+        out, probs = abft_fast.attention(q, k, v, probe_rows=rows, backend="sdpa")
+        return out.square().sum() + (probs * probs.new_tensor(range(12))).sum()
+
+    checkpoint(layer, q, k, v, use_reentrant=False).backward()
+    assert len(calls) == 2
+    got = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    layer(q, k, v).backward()
+    for a, b in zip(got, (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(a, b)
+
+
+def test_second_backward_is_a_clear_error():
+    q, k, v = (torch.randn(1, 2, 8, 16, device=DEV, requires_grad=True) for _ in range(3))
+    out, probs = abft_fast.attention(q, k, v, probe_rows=torch.tensor([[7]], device=DEV),
+                                     backend="sdpa")
+    loss = out.sum() + probs[..., 0].sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already differentiated"):
+        loss.backward()

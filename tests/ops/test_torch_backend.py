@@ -83,3 +83,13 @@ def test_torch_backend_never_builds_l_by_l(kw):
         got = run(attention_fn("torch"), case, inp, torch.float64)
     assert mode.largest <= 2 * 128 * 1024 < 1024 * 1024
     check_rel(got, reference(case, inp), 1e-10)
+
+
+@pytest.mark.parametrize("kw", [dict(padding="right"), dict()], ids=["padded", "plain"])
+def test_torch_backend_lq_longer_than_lk(kw):
+    """Lq > Lk + a whole query block: the first blocks see no key (0, never NaN); Lq != Lk causal
+    without padding takes the same block path (no lower-right bias)."""
+    case = Case(2, 4, 2, 300, 3, 16, r=2, c=2, unused=False, **kw)
+    inp = make_inputs(case, torch.Generator().manual_seed(torch.seed() % 2**31))
+    got = run(attention_fn("torch"), case, inp, torch.float64)
+    check_rel(got, reference(case, inp), 1e-10)
