@@ -55,6 +55,17 @@ def _row_visible(row_c, row_ok, offs_n, kp_ok, OFF, CAUSAL: tl.constexpr, WINDOW
 
 
 @triton.jit
+def _row_grad_stats(LSE, U, b, h, slot, Hq, R, row_ok):
+    """(index of (b, h, slot), row valid and seeing a key, base-2 lse, u) of probe tile rows."""
+    ridx = (b * Hq + h) * R + slot
+    lse = tl.load(LSE + ridx, mask=row_ok, other=float("-inf"))
+    row_ok = row_ok & (lse != float("-inf"))
+    lse2 = tl.where(row_ok, lse * 1.4426950408889634, 0.0)
+    u = tl.load(U + ridx, mask=row_ok, other=0.0)
+    return ridx, row_ok, lse2, u
+
+
+@triton.jit
 def _probe_fwd_kernel(Q, K, ROWS, COLS, P, LSE, KPM,
                       s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_kpm_b,
                       Hq, G, Lq, Lk, D, R, C, sm_scale,
@@ -141,11 +152,7 @@ def _probe_dk_kernel(Q, K, ROWS, LSE, U, E, DK, KPM,
     for pid_m in range(0, tl.cdiv(G * R, BLOCK_M)):
         q, h, slot, row_c, row_ok = _probe_tile(Q, ROWS, s_qb, s_qh, s_ql, b, hk, G, R, Lq, D,
                                                 pid_m, BLOCK_M, BLOCK_D)
-        ridx = (b * Hq + h) * R + slot
-        lse = tl.load(LSE + ridx, mask=row_ok, other=float("-inf"))
-        row_ok = row_ok & (lse != float("-inf"))
-        lse2 = tl.where(row_ok, lse * 1.4426950408889634, 0.0)
-        u = tl.load(U + ridx, mask=row_ok, other=0.0)
+        ridx, row_ok, lse2, u = _row_grad_stats(LSE, U, b, h, slot, Hq, R, row_ok)
         s = _dot(q, kt, PREC, UPCAST) * qk_scale
         ok = _row_visible(row_c, row_ok, offs_n, kp_ok, OFF, CAUSAL, WINDOW)
         p = tl.where(ok, tl.exp2(tl.where(ok, s - lse2[:, None], 0.0)), 0.0)
@@ -176,11 +183,7 @@ def _probe_dq_kernel(Q, K, ROWS, LSE, U, E, DQ, KPM,
     OFF = Lk - Lq
     q, h, slot, row_c, row_ok = _probe_tile(Q, ROWS, s_qb, s_qh, s_ql, b, hk, G, R, Lq, D, pid_m,
                                             BLOCK_M, BLOCK_D)
-    ridx = (b * Hq + h) * R + slot
-    lse = tl.load(LSE + ridx, mask=row_ok, other=float("-inf"))
-    row_ok = row_ok & (lse != float("-inf"))
-    lse2 = tl.where(row_ok, lse * 1.4426950408889634, 0.0)
-    u = tl.load(U + ridx, mask=row_ok, other=0.0)
+    ridx, row_ok, lse2, u = _row_grad_stats(LSE, U, b, h, slot, Hq, R, row_ok)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     k_base = K + b * s_kb + hk * s_kh

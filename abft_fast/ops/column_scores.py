@@ -24,12 +24,12 @@ import torch
 from .masks import visible
 from .probe_math import row_scores
 from .spec import (
-    FLOAT_DTYPES,
     AttentionSpec,
     check_causal,
     check_index_tensor,
     check_index_values,
     check_key_padding_mask,
+    check_qkv,
     check_scale,
     check_window,
     probs_dtype,
@@ -85,37 +85,11 @@ def _column_scores(q, k, rows, causal, scale, key_padding_mask, window, backend,
     return _torch(q, k, spec)
 
 
-def check_qk(q, k) -> None:
-    """Types, ranks, dtypes, devices and shapes of q [B, Hq, Lq, D] and k [B, Hkv, Lk, D]."""
-    for name, t in (("q", q), ("k", k)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, H, L, D], got shape {tuple(t.shape)}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if k.dtype != q.dtype:
-        raise TypeError(f"q and k must share one dtype, got {q.dtype} and {k.dtype}")
-    if k.device != q.device:
-        raise ValueError(f"q and k must be on one device, got {q.device} and {k.device}")
-    b, hq, lq, d = q.shape
-    if k.shape[0] != b:
-        raise ValueError(f"k batch size {k.shape[0]} does not match q batch size {b}")
-    if k.shape[3] != d:
-        raise ValueError(f"k head dim {k.shape[3]} does not match q head dim {d}")
-    hkv, lk = k.shape[1], k.shape[2]
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"q heads ({hq}) must be a multiple of k heads ({hkv}) for GQA")
-    if lq == 0 or lk == 0 or d == 0 or b == 0:
-        raise ValueError(f"q and k must have non-zero sizes, got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}")
-
-
 def make_column_spec(q, k, *, rows, causal, scale, key_padding_mask, window,
                      check_values=True) -> AttentionSpec:
     """Validate the arguments of :func:`column_scores` (naming the argument); the rows travel as
     the spec's ``probe_rows`` (None = every row), ``probe_cols`` is None."""
-    check_qk(q, k)
+    check_qkv(q, k)
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     causal = check_causal(causal)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..util import cache_root
-from . import fused, torch_backend
+from . import fused, probe_ops, torch_backend
 from .spec import AttentionSpec
 
 MAX_HEAD_DIM = 256
@@ -178,22 +178,12 @@ def _probe_backward(ext, dprobs, q, k, probs, lse, key_padding_mask, probe_rows,
     """-> (dq [B,Hq,Lq,D] in q's dtype, non-zero on the probe rows only; dk [B,Hkv,Lk,D] in k's
     dtype). ds = P G, u = sum_c ds, E = ds scattered to full rows; the kernels form
     dS = E - u P against every visible key (csrc/probes.cuh)."""
-    b, hq, lq, d = q.shape
-    lk = k.shape[2]
-    ds = probs * dprobs.to(probs.dtype)  # 0 where P = 0: masked entries, unused slots
-    u = ds.sum(-1)
-    if probe_cols is None:
-        e = ds
-    else:
-        e = torch.zeros(b, hq, ds.shape[2], lk, dtype=ds.dtype, device=ds.device)
-        e.scatter_add_(3, probe_cols.clamp(min=0)[:, None, None, :].expand_as(ds), ds)
+    u, e = probe_ops.grad_inputs(probs, dprobs, probe_cols, k.shape[2])
     dq_rows, dk = ext.probe_bwd(q, k, probe_rows, lse, u, e, key_padding_mask, causal, scale,
                                 window)
-    # straight into q's dtype: no float32 [B, Hq, Lq, D] pass (dq_rows is 0 on unused slots)
-    dq = torch.zeros(b, hq, lq, d, dtype=q.dtype, device=q.device)
-    idx = probe_rows.clamp(min=0)[:, None, :, None].expand(b, hq, -1, d)
-    dq.scatter_add_(2, idx, dq_rows.to(q.dtype))
-    return dq, dk
+    # straight into q's dtype: no float32 [B, Hq, Lq, D] pass
+    return probe_ops.add_rows(torch.zeros_like(q, memory_format=torch.contiguous_format),
+                              dq_rows, probe_rows), dk
 
 
 class _ExtensionProbes(torch.autograd.Function):
@@ -215,56 +205,13 @@ class _ExtensionProbes(torch.autograd.Function):
         return None, dq, dk, None, None, None, None, None, None
 
 
-@torch.library.custom_op("abft_fast::cuda_probe_rows", mutates_args=(), device_types=None)
-def probe_rows_op(q: torch.Tensor, k: torch.Tensor, key_padding_mask: torch.Tensor | None,
-                  probe_rows: torch.Tensor, probe_cols: torch.Tensor | None, causal: bool,
-                  scale: float, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (probs [B,Hq,R,C] float32, lse of the probe rows [B,Hq,R] float32), by the CUDA probe
-    kernels of the JIT-built (or prebuilt) extension."""
-    probs, lse = load_extension().probe_fwd(q, k, probe_rows, probe_cols, key_padding_mask,
-                                            causal, scale, window)
-    return probs, lse
+def _ext_fwd():
+    ext = load_extension()
+    return lambda q, k, kpm, rows, cols, *cfg: ext.probe_fwd(q, k, rows, cols, kpm, *cfg)
 
 
-@probe_rows_op.register_fake
-def _(q, k, key_padding_mask, probe_rows, probe_cols, causal, scale, window):
-    b, hq = q.shape[:2]
-    r = probe_rows.shape[1]
-    c = k.shape[2] if probe_cols is None else probe_cols.shape[1]
-    return (q.new_empty((b, hq, r, c), dtype=torch.float32),
-            q.new_empty((b, hq, r), dtype=torch.float32))
-
-
-@torch.library.custom_op("abft_fast::cuda_probe_rows_backward", mutates_args=(),
-                         device_types=None)
-def probe_rows_backward_op(dprobs: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                           probs: torch.Tensor, lse: torch.Tensor,
-                           key_padding_mask: torch.Tensor | None, probe_rows: torch.Tensor,
-                           probe_cols: torch.Tensor | None, causal: bool, scale: float,
-                           window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (dq [B,Hq,Lq,D] in q's dtype, non-zero on the probe rows only; dk [B,Hkv,Lk,D])."""
-    return _probe_backward(load_extension(), dprobs, q, k, probs, lse, key_padding_mask,
-                           probe_rows, probe_cols, causal, scale, window)
-
-
-@probe_rows_backward_op.register_fake
-def _(dprobs, q, k, probs, lse, key_padding_mask, probe_rows, probe_cols, causal, scale, window):
-    return q.new_empty(q.shape), k.new_empty(k.shape)  # contiguous, as the real outputs
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, kpm, rows, cols, causal, scale, window = inputs
-    probs, lse = output
-    ctx.save_for_backward(q, k, probs, lse, kpm, rows, cols)
-    ctx.cfg = (causal, scale, window)
-
-
-def _backward(ctx, dprobs, _dlse):
-    q, k, probs, lse, kpm, rows, cols = ctx.saved_tensors
-    if dprobs is None:
-        return None, None, None, None, None, None, None, None
-    dq, dk = probe_rows_backward_op(dprobs, q, k, probs, lse, kpm, rows, cols, *ctx.cfg)
-    return dq, dk, None, None, None, None, None, None
-
-
-probe_rows_op.register_autograd(_backward, setup_context=_setup_context)
+probe_rows_op = probe_ops.register(
+    "cuda_probe_rows", _ext_fwd, lambda: load_extension().probe_bwd,
+    "-> (probs [B,Hq,R,C] float32, lse of the probe rows [B,Hq,R] float32), by the CUDA probe "
+    "kernels of the JIT-built (or prebuilt) extension.")
+probe_rows_backward_op = probe_rows_op.backward_op

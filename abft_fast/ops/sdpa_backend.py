@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from . import torch_backend
+from . import probe_ops, torch_backend
 from .spec import AttentionSpec, probs_dtype
 
 
@@ -93,29 +93,18 @@ class SdpaWithProbes(torch.autograd.Function):
             for i, g in zip(wanted, got):
                 grads[i] = g
         if dprobs is not None and (q.requires_grad or k.requires_grad):
-            ds = probs * dprobs.to(probs.dtype)
-            e = _scatter_columns(ds, spec.probe_cols, spec.k_len)
+            u, e = probe_ops.grad_inputs(probs, dprobs, spec.probe_cols, spec.k_len)
             dk = grads[1]
             in_place = dk is not None and dk.is_contiguous()
-            dq_rows, dk_p = probe_rows_bwd(q, k, spec.probe_rows, lse, ds.sum(-1), e, None,
+            dq_rows, dk_p = probe_rows_bwd(q, k, spec.probe_rows, lse, u, e, None,
                                            causal=spec.causal, window=None, scale=spec.scale,
                                            dk_out=dk if in_place else None)
             if k.requires_grad and not in_place:
                 grads[1] = dk_p.to(k.dtype) if dk is None else dk + dk_p.to(dk.dtype)
             if q.requires_grad:
                 dq = grads[0] if grads[0] is not None else torch.zeros_like(q)
-                idx = spec.probe_rows.clamp(min=0)[:, None, :, None].expand_as(dq_rows)
-                grads[0] = dq.scatter_add_(2, idx, dq_rows.to(dq.dtype))  # 0 on unused slots
+                grads[0] = probe_ops.add_rows(dq, dq_rows, spec.probe_rows)
         return grads[0], grads[1], grads[2], None
-
-
-def _scatter_columns(ds, cols, k_len: int):
-    """ds [B,Hq,R,C] at the probe columns -> [B,Hq,R,Lk] (duplicate columns add; -1 slots hold
-    0 since P is 0 there); full rows (cols None) are already that."""
-    if cols is None:
-        return ds
-    e = ds.new_zeros(*ds.shape[:3], k_len)
-    return e.scatter_add_(3, cols.clamp(min=0)[:, None, None, :].expand_as(ds), ds)
 
 
 def _triton_probes(q) -> bool:
@@ -132,65 +121,28 @@ def probe_probs(q, k, spec: AttentionSpec):
     return probs
 
 
-@torch.library.custom_op("abft_fast::probe_rows", mutates_args=(), device_types=None)
-def probe_rows_op(q: torch.Tensor, k: torch.Tensor, key_padding_mask: torch.Tensor | None,
-                  probe_rows: torch.Tensor, probe_cols: torch.Tensor | None, causal: bool,
-                  scale: float, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (probs [B,Hq,R,C] float32, lse of the probe rows [B,Hq,R] float32)."""
+def _triton_fwd():
     from ..kernels.probes import probe_rows_fwd
-    return probe_rows_fwd(q, k, probe_rows, probe_cols, key_padding_mask, causal=causal,
-                          window=window or None, scale=scale)
+
+    def fwd(q, k, kpm, rows, cols, causal, scale, window):
+        return probe_rows_fwd(q, k, rows, cols, kpm, causal=causal, window=window or None,
+                              scale=scale)
+    return fwd
 
 
-@probe_rows_op.register_fake
-def _(q, k, key_padding_mask, probe_rows, probe_cols, causal, scale, window):
-    b, hq = q.shape[:2]
-    r = probe_rows.shape[1]
-    c = k.shape[2] if probe_cols is None else probe_cols.shape[1]
-    return (q.new_empty((b, hq, r, c), dtype=torch.float32),
-            q.new_empty((b, hq, r), dtype=torch.float32))
-
-
-@torch.library.custom_op("abft_fast::probe_rows_backward", mutates_args=(), device_types=None)
-def probe_rows_backward_op(dprobs: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                           probs: torch.Tensor, lse: torch.Tensor,
-                           key_padding_mask: torch.Tensor | None, probe_rows: torch.Tensor,
-                           probe_cols: torch.Tensor | None, causal: bool, scale: float,
-                           window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (dq [B,Hq,Lq,D] in q's dtype, non-zero on the probe rows only; dk [B,Hkv,Lk,D])."""
+def _triton_rows_bwd():
     from ..kernels.probes import probe_rows_bwd
-    b, hq, lq, d = q.shape
-    ds = probs * dprobs.to(probs.dtype)  # 0 where P = 0: masked entries, unused slots
-    e = _scatter_columns(ds, probe_cols, k.shape[2])
-    dq_rows, dk = probe_rows_bwd(q, k, probe_rows, lse, ds.sum(-1), e, key_padding_mask,
-                                 causal=causal,
-                                 window=window or None, scale=scale)
-    dq = torch.zeros(b, hq, lq, d, dtype=torch.float32, device=q.device)
-    idx = probe_rows.clamp(min=0)[:, None, :, None].expand(b, hq, -1, d)
-    dq.scatter_add_(2, idx, dq_rows)  # dq_rows is 0 on unused slots
-    return dq.to(q.dtype), dk.to(k.dtype)
+
+    def rows_bwd(q, k, rows, lse, u, e, kpm, causal, scale, window):
+        return probe_rows_bwd(q, k, rows, lse, u, e, kpm, causal=causal, window=window or None,
+                              scale=scale)
+    return rows_bwd
 
 
-@probe_rows_backward_op.register_fake
-def _(dprobs, q, k, probs, lse, key_padding_mask, probe_rows, probe_cols, causal, scale, window):
-    return q.new_empty(q.shape), k.new_empty(k.shape)  # contiguous, as the op returns them
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, kpm, rows, cols, causal, scale, window = inputs
-    probs, lse = output
-    ctx.save_for_backward(q, k, probs, lse, kpm, rows, cols)
-    ctx.cfg = (causal, scale, window)
-
-
-def _backward(ctx, dprobs, _dlse):
-    q, k, probs, lse, kpm, rows, cols = ctx.saved_tensors
-    if dprobs is None:
-        return None, None, None, None, None, None, None, None
-    dq, dk = probe_rows_backward_op(dprobs, q, k, probs, lse, kpm, rows, cols, *ctx.cfg)
-    return dq, dk, None, None, None, None, None, None
-
-
-probe_rows_op.register_autograd(_backward, setup_context=_setup_context)
+probe_rows_op = probe_ops.register(
+    "probe_rows", _triton_fwd, _triton_rows_bwd,
+    "-> (probs [B,Hq,R,C] float32, lse of the probe rows [B,Hq,R] float32), by the Triton "
+    "probe kernels (abft_fast.kernels.probes).")
+probe_rows_backward_op = probe_rows_op.backward_op
 
 __all__ = ["attention", "check_supported", "probe_probs", "probs_dtype"]

@@ -77,20 +77,27 @@ def probs_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # ------------------------------------------------------------------------------ small checks
 
-def check_qkv(q, k, v) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
+def check_qkv(q, k, v=None) -> None:
+    """Types, dtypes, devices and shapes of q [B, Hq, Lq, D], k (and v) [B, Hkv, Lk, D]; v None
+    for the ops that take no values (column scores)."""
+    named = (("q", q), ("k", k)) + ((("v", v),) if v is not None else ())
+    for name, t in named:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D [B, H, L, D], got shape {tuple(t.shape)}")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    names = "q, k, v" if v is not None else "q and k"
+    others = [t for _, t in named[1:]]
+    if any(t.dtype != q.dtype for t in others):
+        raise TypeError(f"{names} must share one dtype, got "
+                        f"{', '.join(str(t.dtype) for _, t in named)}")
+    if any(t.device != q.device for t in others):
+        raise ValueError(f"{names} must be on one device, got "
+                         f"{', '.join(str(t.device) for _, t in named)}")
     b, hq, lq, d = q.shape
-    if k.shape != v.shape:
+    if v is not None and k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and "
                          f"{tuple(v.shape)}")
     if k.shape[0] != b:
@@ -99,7 +106,8 @@ def check_qkv(q, k, v) -> None:
         raise ValueError(f"k head dim {k.shape[3]} does not match q head dim {d}")
     hkv, lk = k.shape[1], k.shape[2]
     if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv}) for GQA")
+        raise ValueError(f"q heads ({hq}) must be a multiple of {'k/v' if v is not None else 'k'}"
+                         f" heads ({hkv}) for GQA")
     if lq == 0 or lk == 0 or d == 0 or b == 0:
         raise ValueError(f"q and k must have non-zero sizes, got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}")
