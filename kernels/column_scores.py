@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import _dot, _interpreting, _key_ok, _launch, _prep
+from .attention import _dot, _heads, _interpreting, _key_ok, _launch, _prep
+from .probes import _row_visible
 
 
 @triton.jit
@@ -39,18 +40,6 @@ def _row_tile(ROWS, b, offs_m, R, Lq, HAS_ROWS: tl.constexpr):
 
 
 @triton.jit
-def _rows_see(row_c, row_ok, offs_n, kp_ok, OFF, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
-    """[BM, BN] visibility of keys offs_n to the rows (kp_ok: [BN] padding and in-range)."""
-    ok = row_ok[:, None] & kp_ok[None, :]
-    if CAUSAL:
-        qpos = row_c[:, None] + OFF
-        ok = ok & (offs_n[None, :] <= qpos)
-        if WINDOW > 0:
-            ok = ok & (offs_n[None, :] > qpos - WINDOW)
-    return ok
-
-
-@triton.jit
 def _row_lse_kernel(Q, K, ROWS, LSE, KPM,
                     s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_kpm_b,
                     Hq, G, Lq, Lk, D, NR, sm_scale,
@@ -58,10 +47,7 @@ def _row_lse_kernel(Q, K, ROWS, LSE, KPM,
                     HAS_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // Hq
-    h = bh % Hq
-    hk = h // G
+    bh, b, h, hk = _heads(Hq, G)
     OFF = Lk - Lq
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_c, row_ok = _row_tile(ROWS, b, offs_m, NR, Lq, HAS_ROWS)
@@ -86,7 +72,7 @@ def _row_lse_kernel(Q, K, ROWS, LSE, KPM,
         kt = tl.load(k_base + offs_n[None, :] * s_kl + offs_d[:, None],
                      mask=(offs_n[None, :] < Lk) & dmask[:, None], other=0.0)
         s = _dot(q, kt, PREC, UPCAST) * qk_scale
-        s = tl.where(_rows_see(row_c, row_ok, offs_n, kp_ok, OFF, CAUSAL, WINDOW), s,
+        s = tl.where(_row_visible(row_c, row_ok, offs_n, kp_ok, OFF, CAUSAL, WINDOW), s,
                      float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -106,10 +92,7 @@ def _col_sum_kernel(Q, K, ROWS, LSE, OUT, KPM,
                     HAS_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // Hq
-    h = bh % Hq
-    hk = h // G
+    bh, b, h, hk = _heads(Hq, G)
     OFF = Lk - Lq
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -138,7 +121,7 @@ def _col_sum_kernel(Q, K, ROWS, LSE, OUT, KPM,
         q = tl.load(q_base + row_c[:, None] * s_ql + offs_d[None, :],
                     mask=row_ok[:, None] & dmask[None, :], other=0.0)
         s = _dot(q, kt, PREC, UPCAST) * qk_scale
-        ok = _rows_see(row_c, row_ok, offs_n, kp_ok, OFF, CAUSAL, WINDOW)
+        ok = _row_visible(row_c, row_ok, offs_n, kp_ok, OFF, CAUSAL, WINDOW)
         p = tl.exp2(tl.where(ok, s - lse2[:, None], float("-inf")))
         acc += tl.sum(p, 0)
     tl.store(OUT + bh * Lk + offs_n, acc, mask=nmask)
