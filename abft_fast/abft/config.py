@@ -29,6 +29,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # HF non-reentrant activation checkpointing per layer
     max_length: int = 0        # longest prompt in tokens (0 = the model's context); longer
                                # prompts lose leading demonstrations, never the query
+    multi_query: bool = False  # beyond the paper: the loss at every demonstration's prediction
+                               # row too (data.collate_multi_query, loss.multi_query_loss)
 
     def check(self):
         for name in ("k", "train_prompts", "steps", "batch", "micro_batch", "lora_r"):
@@ -39,6 +41,8 @@ class TrainConfig:
                 self.max_length < 0 or self.max_length == 1):
             raise ValueError(f"max_length must be 0 (the model's context) or an int >= 2; got "
                              f"{self.max_length!r}")
+        if not isinstance(self.multi_query, bool):
+            raise ValueError(f"multi_query must be a bool; got {self.multi_query!r}")
         if self.batch % self.micro_batch:
             raise ValueError(f"batch ({self.batch}) must be a multiple of micro_batch "
                              f"({self.micro_batch})")

@@ -366,7 +366,7 @@ class Batch:
     query_label: torch.Tensor     # [B] int64
 
     def to(self, device):
-        return Batch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+        return type(self)(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
 
 def collate(items, pad_id: int = 0) -> Batch:
@@ -390,3 +390,63 @@ def collate(items, pad_id: int = 0) -> Batch:
     return Batch(ids, am, (lengths - 1)[:, None], cols, correct, lengths,
                  torch.tensor([e.query_label for e in items], dtype=torch.long))
 
+
+
+# ----------------------------------------------------------------------------- multi-query ABFT
+
+def prediction_rows(e: Encoded) -> list:
+    """Multi-query ABFT's prediction rows of one prompt, one slot per demonstration plus one for
+    the query: slot i < k is the token just before demonstration i's label (the position that
+    predicts label i) when demonstration i has at least one earlier label (i >= 1), else -1;
+    slot k is the prompt's last token (the query's prediction point)."""
+    k = len(e.label_pos)
+    rows = [-1] + [e.label_pos[i] - 1 for i in range(1, k)] if k else []
+    return rows + [len(e.input_ids) - 1]
+
+
+@dataclass
+class MultiQueryBatch(Batch):
+    """A ``Batch`` whose probe rows are every prediction point (``prediction_rows``), with each
+    row's own label sets. R = C + 1: slot r < C is demonstration r's prediction row, slot C the
+    query's (the last real token); unused slots are -1 in ``rows`` and inactive.
+
+    ``correct`` / ``query_label`` / ``lengths`` keep their ``Batch`` meaning (the query row)."""
+    row_correct: torch.Tensor = None  # [B, R, C] bool: column is an earlier label equal to row's label
+    row_valid: torch.Tensor = None    # [B, R, C] bool: column is a label before the row (k_r = sum)
+    row_lengths: torch.Tensor = None  # [B, R] int64: row position + 1 (the row's prompt length n_r)
+    row_active: torch.Tensor = None   # [B, R] bool: the slot is a prediction row
+
+
+def collate_multi_query(items, pad_id: int = 0) -> MultiQueryBatch:
+    """Right-padded batch with all prediction rows (see ``MultiQueryBatch``).
+
+    Row r of demonstration r sees only the labels of demonstrations 0..r-1 (columns at or after
+    the row never count, even though causal attention would give them 0 anyway); its I+ are those
+    whose label equals demonstration r's label, its I- the other earlier ones. The query row sees
+    all k labels with the query's gold label, exactly as ``collate``'s single row."""
+    base = collate(items, pad_id)
+    B, C = base.cols.shape
+    R = C + 1
+    rows = torch.full((B, R), -1, dtype=torch.long)
+    correct = torch.zeros((B, R, C), dtype=torch.bool)
+    valid = torch.zeros((B, R, C), dtype=torch.bool)
+    for b, e in enumerate(items):
+        k = len(e.label_pos)
+        pr = prediction_rows(e)
+        for r in range(k):  # demonstration rows
+            if pr[r] < 0:
+                continue
+            rows[b, r] = pr[r]
+            for c in range(r):
+                if e.label_pos[c] >= pr[r]:  # a label at or after the row: never counts
+                    continue
+                valid[b, r, c] = True
+                correct[b, r, c] = e.demo_labels[c] == e.demo_labels[r]
+        rows[b, C] = pr[k]
+        for c in range(k):
+            valid[b, C, c] = True
+            correct[b, C, c] = e.demo_labels[c] == e.query_label
+    active = rows >= 0
+    lengths = torch.where(active, rows + 1, torch.zeros_like(rows))
+    return MultiQueryBatch(base.input_ids, base.attention_mask, rows, base.cols, base.correct,
+                           base.lengths, base.query_label, correct, valid, lengths, active)

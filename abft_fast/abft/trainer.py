@@ -13,7 +13,7 @@ import torch
 
 from . import data
 from .config import TrainConfig
-from .loss import abft_loss
+from .loss import abft_loss, multi_query_loss
 from .objective import ProbeForward
 from .params import add_lora, freeze_all_but_qk, load_qk, qk_parameters, save_qk, unwrap
 from .pid import PID
@@ -188,6 +188,15 @@ def _check_state(state, named, opt):
             raise CheckpointError(f"checkpoint: no {key!r} in its state")
 
 
+def _fingerprint_config(cfg: TrainConfig) -> dict:
+    """The config part of a run's fingerprint; ``multi_query`` only when on, so checkpoints
+    written before the option existed still resume."""
+    d = asdict(cfg)
+    if not d.get("multi_query"):
+        d.pop("multi_query", None)
+    return d
+
+
 def train(model, tokenizer, task: data.Task, cfg: TrainConfig, progress=True, accelerator=None,
           save_every: int = 0, checkpoint_dir=None, resume=None, on_step=None):
     """ABFT on ``task``'s pool prompts. Returns a ``TrainResult``; trains ``model`` in place.
@@ -235,7 +244,7 @@ def train(model, tokenizer, task: data.Task, cfg: TrainConfig, progress=True, ac
         raise NotImplementedError(
             f"--save-every / --resume are not supported under {acc.distributed_type} (sharded "
             "optimiser state); use DDP (accelerate launch --multi_gpu) for resumable runs")
-    fp = fingerprint(asdict(cfg), lm, named, encoded, task.name)
+    fp = fingerprint(_fingerprint_config(cfg), lm, named, encoded, task.name)
     params = [p for p in model.parameters() if p.requires_grad]
     if [id(p) for p in params] != [id(p) for _, p in named]:  # pragma: no cover - sanity
         raise RuntimeError("trainable parameters are not in a stable order")
@@ -293,12 +302,17 @@ def train(model, tokenizer, task: data.Task, cfg: TrainConfig, progress=True, ac
             items = step_items[j * cfg.micro_batch:(j + 1) * cfg.micro_batch]
             if j % acc.num_processes != acc.process_index:
                 continue
-            b = data.collate(items, pad).to(acc.device)
+            collate = data.collate_multi_query if cfg.multi_query else data.collate
+            b = collate(items, pad).to(acc.device)
             with acc.accumulate(objective):
                 probs = objective(b.input_ids, b.attention_mask, b.rows, b.cols)
-                valid = b.cols >= 0
-                out = abft_loss(probs, b.correct, valid, b.lengths, A=a, B=cfg.b,
-                                use_filter=cfg.use_filter)
+                if cfg.multi_query:
+                    out = multi_query_loss(probs, b.row_correct, b.row_valid, b.row_lengths,
+                                           b.row_active, A=a, B=cfg.b, use_filter=cfg.use_filter)
+                else:
+                    valid = b.cols >= 0
+                    out = abft_loss(probs, b.correct, valid, b.lengths, A=a, B=cfg.b,
+                                    use_filter=cfg.use_filter)
                 acc.backward(out.loss)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
