@@ -62,6 +62,9 @@ def _parser():
         sp.add_argument("--lora-r", type=int, default=16)
         sp.add_argument("--no-filter", action="store_true", help="count every head (no threshold)")
         sp.add_argument("--no-pid", action="store_true", help="keep A fixed")
+        sp.add_argument("--multi-query", action="store_true",
+                        help="beyond the paper: apply the loss at every demonstration's label "
+                             "prediction row too, not only at the query (docs/abft.md)")
         sp.add_argument("--full-forward", action="store_true",
                         help="run the whole model in training (default: stop after the last "
                              "probed layer's attention)")
@@ -142,7 +145,8 @@ def cmd_train(args, title="ABFT"):
                       seed=args.seed, lora=args.lora, lora_r=args.lora_r,
                       stop_early=not args.full_forward,
                       gradient_checkpointing=args.gradient_checkpointing,
-                      max_length=args.max_length).check()
+                      max_length=args.max_length,
+                      multi_query=args.multi_query).check()
     if args.save_every < 0:
         raise SystemExit(f"--save-every must be >= 0; got {args.save_every}")
     acc = make_accelerator()
