@@ -1,8 +1,10 @@
-// Plain C++ interface of the CUDA probe kernels (probes.cuh): the attention probabilities of a few
-// query rows ("probe rows") and their backward, for backend="cuda" on unmasked attention, where
-// PyTorch's SDPA gives the output and its gradient. No CUDA or torch headers; shared by the CUDA
-// launchers (probes_fwd.cu, probes_bwd.cu), the torch binding (binding.cpp) and the CPU emulation
-// (emu/attention_emu.cpp). The semantics are those of kernels/probes.py (the Triton version).
+// Plain C++ interface of the CUDA probe kernels (probes.cuh): the attention probabilities of a
+// few query rows ("probe rows") and their backward, for backend="cuda" (every mask: key padding,
+// window, causal with Lq < Lk) and for backend="sdpa" where Triton cannot run; PyTorch's SDPA
+// gives the output and its gradient (abft_fast/ops/cuda_backend.py). No CUDA or torch headers;
+// shared by the CUDA launchers (probes_fwd.cu, probes_bwd.cu), the torch binding (binding.cpp)
+// and the CPU emulation (emu/attention_emu.cpp). The semantics are those of kernels/probes.py
+// (the Triton version).
 //
 // Per key/value head hk, the probe rows of its G = Hq / Hkv query heads form M = G x R rows; row
 // m is query head hk * G + m / R, probe slot m % R, query position rows[b, m % R] (-1: unused).

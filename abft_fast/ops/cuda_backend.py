@@ -1,29 +1,34 @@
-"""Backend "cuda": the CUDA C++ kernels of csrc/, for machines where Triton cannot run.
+"""Backend "cuda": CUDA C++ probe kernels (csrc/) beside PyTorch's SDPA, for machines where Triton
+cannot run.
 
-Two routes, chosen per call (docs/cuda-probes.md):
+One route for every case (docs/cuda.md): the output and its gradient come from PyTorch's SDPA
+through the torch backend (``torch_backend.output``: one unmasked call, cuDNN / flash on a GPU;
+with key padding, a window or causal Lq != Lk, blocks of at most 128 query rows with a band mask,
+never L x L; see ``output`` for GQA), the probes from the CUDA probe kernels (csrc/probes.cuh):
+row lse and probabilities in the forward, dk and the R rows of dq in the backward, O(R * L * d)
+work, with the same masks. They run as the torch.library ops ``abft_fast::cuda_probe_rows`` /
+``abft_fast::cuda_probe_rows_backward`` (fake implementations and autograd registered, so
+``torch.compile`` traces them). The sdpa engine uses the same ops where Triton cannot run
+(``sdpa_backend.probe_engine``).
 
-- unmasked attention (no key padding mask, no window; causal with Lq < Lk included): the output
-  and its gradient from PyTorch's SDPA (``torch_backend.output``: cuDNN / flash on a GPU), the
-  probes from the CUDA probe kernels (csrc/probes.cuh): row lse and probabilities in the forward,
-  dk and the R rows of dq in the backward, O(R * L * d) work. They run as the torch.library ops
-  ``abft_fast::cuda_probe_rows`` / ``abft_fast::cuda_probe_rows_backward`` (fake implementations
-  and autograd registered, so ``torch.compile`` traces them).
-- key padding or a sliding window: the fused CUDA kernels (``fused.ExtensionEngine``): the
-  forward writes out and lse, probe probabilities come from lse
-  (``probe_math.probe_probs_from_lse``); the backward folds ``probe_math.probe_delta_extra`` and
-  the direct dq / dk terms in.
+The fused CUDA kernels (csrc/attention_*.cuh: out, lse and the probes folded into one flash
+loop) are no longer on this route: measured 51 ms where cuDNN took 2.2 ms (H100, bf16, causal,
+L 4096). They stay in the extension, reachable only explicitly: ``attention_with_extension(...,
+route="fused")`` and the ``abft_fast::fused_attention`` op with engine "cuda" (ops/fused.py).
 
 The extension is the prebuilt ``abft_fast._cuda_ext`` when the package was installed with
 ``ABFT_FAST_BUILD_CUDA=1``; otherwise it is JIT-compiled with ninja through
-``torch.utils.cpp_extension.load`` on first use and cached (see ``build_directory``). Importing this
-module never compiles anything and needs no GPU.
+``torch.utils.cpp_extension.load`` on first use and cached (see ``build_directory``; one WARNING
+log line when it builds). Importing this module never compiles anything and needs no GPU.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -96,6 +101,21 @@ def load_extension():
         return _ext
 
 
+def extension_loads() -> bool:
+    """True when ``load_extension`` succeeds (building on first use); a failed build is logged
+    once (WARNING) and remembered, and then this is False without retrying."""
+    if _ext is not None:
+        return True
+    if _build_error is not None:
+        return False
+    try:
+        load_extension()
+        return True
+    except RuntimeError as e:
+        _log.warning("%s", e)
+        return False
+
+
 def _jit_build():
     if torch.version.cuda is None:
         raise RuntimeError(f"this torch build ({torch.__version__}) has no CUDA support")
@@ -107,9 +127,14 @@ def _jit_build():
         raise FileNotFoundError(f"CUDA sources missing from {src}: {missing}")
     build = build_directory()
     build.mkdir(parents=True, exist_ok=True)
-    _log.warning("abft_fast: compiling the CUDA attention extension with ninja into %s "
-                 "(first use only; about 30 s on 16 cores, longer on fewer)", build)
-    return load(
+    cached = is_cached(build, src)
+    if cached:
+        _log.debug("abft_fast: loading the cached CUDA extension from %s", build)
+    else:
+        _log.warning("abft_fast: building the CUDA extension (first use; cached afterwards) in %s",
+                     build)
+    t0 = time.perf_counter()
+    ext = load(
         name=EXTENSION_NAME,
         sources=[str(src / n) for n in JIT_SOURCES],
         extra_include_paths=[str(src)],
@@ -118,34 +143,43 @@ def _jit_build():
         build_directory=str(build),
         verbose=os.environ.get("ABFT_FAST_CUDA_VERBOSE", "0") == "1",
     )
+    if not cached:
+        _log.info("abft_fast: CUDA extension built in %.0f s", time.perf_counter() - t0)
+    return ext
 
 
-ROUTES = ("auto", "probes", "fused")
+def is_cached(build: Path, src: Path | None = None) -> bool:
+    """True when ``build`` holds a built extension newer than every source in ``src`` (then the
+    JIT load only links it in; ninja decides for itself in any case)."""
+    src = src or csrc_dir()
+    libs = [p for p in build.glob(f"{EXTENSION_NAME}*") if p.suffix in (".so", ".pyd")]
+    if not libs:
+        return False
+    sources = [p for p in src.iterdir() if p.suffix in (".cu", ".cuh", ".h", ".cpp")]
+    newest = max((p.stat().st_mtime for p in sources), default=0.0)
+    return min(p.stat().st_mtime for p in libs) >= newest
 
 
-def uses_probe_kernels(spec: AttentionSpec) -> bool:
-    """True when ``attention`` takes the SDPA + probe-kernel route (no padding, no window)."""
-    return spec.key_padding_mask is None and spec.window is None
+ROUTES = ("probes", "fused")
 
 
-def attention_with_extension(ext, q, k, v, spec: AttentionSpec, route: str = "auto"):
-    """``attention`` on an explicit extension module (``ext.fwd`` / ``ext.bwd`` /
-    ``ext.probe_fwd`` / ``ext.probe_bwd`` as in csrc/binding.cpp), eager autograd; the tests pass
-    the CPU-emulation build of the same kernels. ``route``: "auto" (as ``attention``), "probes"
-    (SDPA + probe kernels; any mask, which the probe kernels support too, though the torch
-    backend then computes the output) or "fused" (the fused kernels, for any case)."""
+def attention_with_extension(ext, q, k, v, spec: AttentionSpec, route: str = "probes"):
+    """``attention`` on an explicit extension module (``ext.probe_fwd`` / ``ext.probe_bwd``, and
+    ``ext.fwd`` / ``ext.bwd`` for route "fused", as in csrc/binding.cpp), eager autograd; the
+    tests pass the CPU-emulation build of the same kernels. ``route``: "probes" (what
+    ``attention`` runs: SDPA output + probe kernels) or "fused" (the fused kernels)."""
     if route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
     _check_head_dim(spec)
-    if route == "probes" or (route == "auto" and uses_probe_kernels(spec)):
-        out = torch_backend.output(q, k, v, spec)
-        probs = None
-        if spec.has_probes:
-            probs, _ = _ExtensionProbes.apply(ext, q, k, spec.key_padding_mask, spec.probe_rows,
-                                              spec.probe_cols, spec.causal, spec.scale,
-                                              spec.window or 0)
+    if route == "fused":
+        out, _, probs = fused.FusedAttention.apply(fused.ExtensionEngine(ext), spec, q, k, v)
         return out, probs
-    out, _, probs = fused.FusedAttention.apply(fused.ExtensionEngine(ext), spec, q, k, v)
+    out = output(q, k, v, spec)
+    probs = None
+    if spec.has_probes:
+        probs, _ = _ExtensionProbes.apply(ext, q, k, spec.key_padding_mask, spec.probe_rows,
+                                          spec.probe_cols, spec.causal, spec.scale,
+                                          spec.window or 0)
     return out, probs
 
 
@@ -161,14 +195,62 @@ def attention(q, k, v, spec: AttentionSpec):
     (out [B, Hq, Lq, D], probs [B, Hq, R, C] float32 or None)."""
     _check_head_dim(spec)
     load_extension()  # build (or fail, naming why) before the op runs
-    if not uses_probe_kernels(spec):
-        return fused.attention(q, k, v, spec, "cuda")
-    out = torch_backend.output(q, k, v, spec)
+    out = output(q, k, v, spec)
     probs = None
     if spec.has_probes:
         probs, _ = probe_rows_op(q, k, spec.key_padding_mask, spec.probe_rows, spec.probe_cols,
                                  spec.causal, spec.scale, spec.window or 0)
     return out, probs
+
+
+# ------------------------------------------------------------------------------------ output
+
+def output(q, k, v, spec: AttentionSpec):
+    """The attention output [B, Hq, Lq, D] (differentiable) from ``torch_backend.output``, with
+    k / v expanded to the Hq query heads first where ``expands_kv`` says so."""
+    if expands_kv(q, k, v, spec):
+        g = spec.group
+        k, v = (t.repeat_interleave(g, dim=1) for t in (k, v))
+        spec = dataclasses.replace(spec, kv_heads=spec.q_heads)
+    return torch_backend.output(q, k, v, spec)
+
+
+def expands_kv(q, k, v, spec: AttentionSpec) -> bool:
+    """Whether ``output`` repeats k / v to the query heads before SDPA: only for GQA calls on a
+    GPU that run with a mask (``spec.masked``: key padding, window, causal Lq != Lk; the torch
+    backend's query-block path) and that no fused SDPA kernel takes as GQA. PyTorch's
+    memory-efficient kernel, the one that takes a mask, does not take ``enable_gqa``; such a
+    call would fall to the math backend, which materialises each block's [B, Hq, block, band]
+    scores and runs unfused. Repeating k / v costs (Hq / Hkv - 1) x their size in memory, once
+    per call; the check is PyTorch's own (``torch.backends.cuda.can_use_*_attention``) on a
+    one-row slice with a one-element mask, host-side only."""
+    if spec.q_heads == spec.kv_heads or not spec.masked or q.device.type != "cuda":
+        return False
+    key = (q.device, q.dtype, spec.q_heads, spec.kv_heads, spec.head_dim,
+           tuple(t.stride(-1) == 1 for t in (q, k, v)))
+    if key not in _gqa_fused:
+        _gqa_fused[key] = _fused_sdpa_takes(q[:, :, :1], k[:, :, :1], v[:, :, :1], gqa=True)
+    return not _gqa_fused[key]
+
+
+_gqa_fused: dict = {}  # (device, dtype, Hq, Hkv, D, unit strides) -> a fused kernel takes it
+
+
+def _fused_sdpa_takes(q, k, v, gqa: bool) -> bool:
+    """True when a fused SDPA kernel (memory-efficient or cuDNN) accepts a masked call of these
+    heads, strides and dtypes; False when it would go to the math backend (or the check fails).
+    The mask is additive in q's dtype, as SDPA converts a bool mask before choosing a kernel."""
+    try:
+        from torch.backends import cuda as sdp
+
+        mask = q.new_zeros(q.shape[0], 1, q.shape[2], k.shape[2])
+        params = sdp.SDPAParams(q, k, v, mask, 0.0, False, gqa)
+        checks = [sdp.can_use_efficient_attention]
+        if hasattr(sdp, "can_use_cudnn_attention"):
+            checks.append(sdp.can_use_cudnn_attention)
+        return any(bool(c(params, False)) for c in checks)
+    except Exception:  # a torch without these checks: expanding is the safe choice
+        return False
 
 
 # ------------------------------------------------------------------------------- probe kernels

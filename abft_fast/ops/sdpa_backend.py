@@ -7,10 +7,11 @@ none of the output's machinery. The probe rows' log-sum-exp is recomputed agains
 row r with ds_rc = P_rc G_rc and u_r = sum_c ds_rc, the score gradient ds_rj [j in C] - u_r P_rj
 into dk (every visible key) and dq (the R probe rows); dv gets nothing (docs/design.md).
 
-Where Triton cannot run (a CPU without TRITON_INTERPRET=1, float64) the probes come from the
-torch backend's probe path (the same maths through autograd). Unmasked attention only: no key
-padding, no window (causal with Lq != Lk runs the torch backend's query-block path for the
-output).
+Where Triton cannot run (a CPU without TRITON_INTERPRET=1, float64, a GPU without a working
+Triton) the probes come from the CUDA C++ probe kernels of ``cuda_backend`` on CUDA tensors when
+that extension loads, else from the torch backend's probe path (the same maths through autograd);
+``probe_engine`` decides. Unmasked attention only: no key padding, no window (causal with
+Lq != Lk runs the torch backend's query-block path for the output).
 """
 from __future__ import annotations
 
@@ -112,12 +113,36 @@ def _triton_probes(q) -> bool:
     return q.dtype != torch.float64 and triton_available(q.device)[0]
 
 
+def probe_engine(q, spec: AttentionSpec) -> str:
+    """Where the probes come from: "triton" (the Triton probe kernels) where Triton runs;
+    else "cuda" (the CUDA C++ probe kernels, csrc/probes.cuh) on CUDA tensors of 16 / 32 bits
+    with D <= 256 when the CUDA extension loads (prebuilt, cached, or built now on first use:
+    one log line); else "torch" (the torch backend's probe path)."""
+    if _triton_probes(q):
+        return "triton"
+    if _cuda_probes(q, spec):
+        return "cuda"
+    return "torch"
+
+
+def _cuda_probes(q, spec: AttentionSpec) -> bool:
+    from . import cuda_backend
+    from .attention import cuda_ext_available
+    return (q.dtype != torch.float64 and spec.head_dim <= cuda_backend.MAX_HEAD_DIM
+            and cuda_ext_available(q.device)[0] and cuda_backend.extension_loads())
+
+
 def probe_probs(q, k, spec: AttentionSpec):
     """[B, Hq, R, C] probe probabilities, differentiable into q and k."""
-    if not _triton_probes(q):
+    engine = probe_engine(q, spec)
+    if engine == "torch":
         return torch_backend.probe_probs(q, k, spec)
-    probs, _ = probe_rows_op(q, k, spec.key_padding_mask, spec.probe_rows, spec.probe_cols,
-                             spec.causal, spec.scale, spec.window or 0)
+    if engine == "cuda":
+        from .cuda_backend import probe_rows_op as op
+    else:
+        op = probe_rows_op
+    probs, _ = op(q, k, spec.key_padding_mask, spec.probe_rows, spec.probe_cols, spec.causal,
+                  spec.scale, spec.window or 0)
     return probs
 
 

@@ -1,16 +1,20 @@
 """CUDA C++ backend (csrc/, abft_fast/ops/cuda_backend.py).
 
 Without a GPU: every .cu compiles with nvcc and binding.cpp against torch's CUDA headers; the
-backend imports without building anything and reports a failed build clearly; and the very same
-kernel source runs on the CPU through csrc/emu (CUDA threads as fibers, API-level WMMA) behind the
-real binding, checked against the float64 reference with the DESIGN.md section 5 rule, for both
-routes of the backend: the fused kernels (route "fused": masked attention) and PyTorch SDPA + the
-CUDA probe kernels (route "probes": unmasked attention), the latter also through its torch.library
-ops (opcheck, torch.compile). With a GPU (@pytest.mark.gpu): the JIT-built extension against the
-reference and against the Triton backend, forward and backward, random shapes, fp32/fp16/bf16.
+backend imports without building anything, logs one line when it builds and reports a failed
+build clearly; and the very same kernel source runs on the CPU through csrc/emu (CUDA threads as
+fibers, API-level WMMA) behind the real binding, checked against the float64 reference with the
+DESIGN.md section 5 rule (outputs of the kernels poisoned with NaN, fresh random inputs): route
+"probes", what backend="cuda" runs for every case (PyTorch SDPA through the torch backend for the
+output + the CUDA probe kernels, with key padding, windows and Lq < Lk), also through its
+torch.library ops (opcheck, torch.compile) and as the sdpa engine's probes where Triton cannot run;
+and route "fused" (the old fused kernels, reachable only explicitly). With a GPU
+(@pytest.mark.gpu): the JIT-built extension against the reference and against the Triton backend,
+forward and backward, random shapes, fp32/fp16/bf16.
 """
 import dataclasses
 import hashlib
+import importlib
 import os
 import random
 import re
@@ -90,6 +94,49 @@ def test_build_directory_follows_environment(monkeypatch, tmp_path):
 def test_jit_sources_are_shipped():
     for name in cuda_backend.JIT_SOURCES:
         assert (CSRC / name).is_file(), name
+
+
+def _fake_sources(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in cuda_backend.JIT_SOURCES:
+        (src / n).write_text("// stand-in\n")
+    return src
+
+
+def test_jit_build_logs_one_line_then_uses_the_cache(monkeypatch, tmp_path, caplog):
+    """The first build logs one WARNING line naming the build directory; later loads of the same
+    build (another process, same cache) log nothing at WARNING; a changed source builds again.
+    torch's JIT loader is replaced by a stand-in that writes the library file."""
+    from torch.utils import cpp_extension
+    build = tmp_path / "build"
+    monkeypatch.setenv("ABFT_FAST_CUDA_BUILD_DIR", str(build))
+    src = _fake_sources(tmp_path)
+    monkeypatch.setattr(cuda_backend, "csrc_dir", lambda: src)
+    monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "13.0")
+    loads = []
+
+    def fake_load(name, sources, build_directory, **kw):
+        loads.append(name)
+        (Path(build_directory) / f"{name}.so").write_bytes(b"")
+        return "module"
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    caplog.set_level("DEBUG", logger="abft_fast")
+
+    def warnings():
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert cuda_backend._jit_build() == "module"
+    assert warnings() == [f"abft_fast: building the CUDA extension (first use; cached "
+                          f"afterwards) in {build}"]
+    caplog.clear()
+    assert cuda_backend.is_cached(build, src)
+    cuda_backend._jit_build()
+    assert warnings() == [] and any("cached" in r.getMessage() for r in caplog.records)
+    lib = build / f"{cuda_backend.EXTENSION_NAME}.so"
+    os.utime(lib, (1, 1))  # older than the sources: a changed source
+    assert not cuda_backend.is_cached(build, src)
+    cuda_backend._jit_build()
+    assert len(warnings()) == 1 and len(loads) == 3
 
 
 @pytest.mark.skipif(torch.version.cuda is not None, reason="failure path of a CPU-only torch")
@@ -196,9 +243,9 @@ def emu():
                 extra_ldflags=["-pthread"], build_directory=str(build))
 
 
-def _emu_fn(ext, route="fused"):
-    """abft_fast.attention's signature over the emulated extension; route "fused" (the fused
-    kernels, any case), "probes" (SDPA + the probe kernels) or "auto" (as backend="cuda")."""
+def _emu_fn(ext, route="probes"):
+    """abft_fast.attention's signature over the emulated extension; route "probes" (SDPA + the
+    probe kernels: what backend="cuda" runs) or "fused" (the fused kernels)."""
     def fn(q, k, v, *, causal, scale, key_padding_mask, window, probe_rows, probe_cols):
         spec = spec_of(q, k, v, causal, scale, key_padding_mask, window, probe_rows, probe_cols)
         return cuda_backend.attention_with_extension(ext, q, k, v, spec, route=route)
@@ -218,10 +265,8 @@ def test_emulated_fp32_matches_reference(emu, case):
     inp = make_inputs(case, _fresh())
     ref = reference(case, inp)
     tor = run(attention_fn("torch"), case, inp, torch.float32)
-    # route "auto", as backend="cuda": unmasked cases take SDPA + the probe kernels (where a row
-    # sees a single key, as at L = 1, the fused kernels keep a rounding-level dk residual that the
-    # float32 floor cannot always absorb: docs/cuda.md, Limitations), masked ones the fused kernels
-    got = run(_emu_fn(emu, "auto"), case, inp, torch.float32)
+    # the route of backend="cuda" (SDPA + the probe kernels) for masked and unmasked cases alike
+    got = run(_emu_fn(emu), case, inp, torch.float32)
     check_rel(got, ref, 2e-4)
     check_rule(got, tor, ref, floor=_floor(torch.float32))
 
@@ -233,25 +278,48 @@ EMU_HALF = [
     Case(1, 2, 2, 9, 40, 128, padding="left", r=3, c=6),
 ]
 
+# Masked cases of the probe route in every dtype: two query blocks of the torch backend's masked
+# path (L > 128) with a window and GQA, Lq < Lk over several key chunks with full rows, Lq > Lk.
+EMU_MASKED = EMU_HALF + [
+    Case(2, 6, 2, 150, 150, 32, window=40, padding="left", r=3, c=5),
+    Case(2, 4, 1, 20, 200, 48, padding="right", r=3, c=None),
+    Case(2, 4, 2, 20, 12, 16, padding="random"),
+]
 
-@pytest.mark.parametrize("case", EMU_HALF, ids=str)
-@pytest.mark.parametrize("dtype", DTYPES[1:], ids=DT_IDS[1:])
-def test_emulated_half_rule(emu, case, dtype):
+
+@pytest.mark.parametrize("case", EMU_MASKED, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_emulated_masked_probe_route_rule(emu, case, dtype):
+    """Key padding, windows, Lq != Lk through what backend="cuda" runs: the torch backend's
+    block-wise SDPA for the output, the CUDA probe kernels for the probes."""
     inp = make_inputs(case, _fresh())
     ref = reference(case, inp)
     tor = run(attention_fn("torch"), case, inp, dtype)
     got = run(_emu_fn(emu), case, inp, dtype)
+    if dtype == torch.float32:
+        check_rel(got, ref, 2e-4)
+    check_rule(got, tor, ref, floor=_floor(dtype))
+
+
+@pytest.mark.parametrize("case", EMU_HALF, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=DT_IDS[1:])
+def test_emulated_fused_half_rule(emu, case, dtype):
+    """The fused kernels (route "fused", reachable explicitly only) in 16 bits."""
+    inp = make_inputs(case, _fresh())
+    ref = reference(case, inp)
+    tor = run(attention_fn("torch"), case, inp, dtype)
+    got = run(_emu_fn(emu, "fused"), case, inp, dtype)
     check_rule(got, tor, ref, floor=_floor(dtype))
 
 
 @pytest.mark.parametrize("d", [16, 24, 32, 48, 64, 80, 96, 128, 160, 192, 256])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-def test_emulated_head_dims(emu, d, dtype):
+def test_emulated_fused_head_dims(emu, d, dtype):
     case = Case(1, 2, 1, 33, 33, d, padding="right", r=2, c=4)
     inp = make_inputs(case, _fresh())
     ref = reference(case, inp)
     tor = run(attention_fn("torch"), case, inp, dtype)
-    check_rule(run(_emu_fn(emu), case, inp, dtype), tor, ref, floor=_floor(dtype))
+    check_rule(run(_emu_fn(emu, "fused"), case, inp, dtype), tor, ref, floor=_floor(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
@@ -323,18 +391,19 @@ def test_emulated_binding_rejects_bad_arguments(emu):
         lse, u = torch.zeros(1, 2, 2), torch.zeros(1, 2, 2)
         emu.probe_bwd(q, q, rows, lse, u, torch.zeros(1, 2, 2, 4), None, True, 0.25, 0)
     with pytest.raises(ValueError, match="route must be one of"):
-        cuda_backend.attention_with_extension(emu, q, q, q, spec_of(q, q, q), route="fast")
+        cuda_backend.attention_with_extension(emu, q, q, q, spec_of(q, q, q), route="auto")
 
 
 @pytest.mark.parametrize("i", range(6))
-def test_emulated_random_shapes(emu, i):
+@pytest.mark.parametrize("route", ["probes", "fused"])
+def test_emulated_random_shapes(emu, route, i):
     seed = random.randrange(2**31)
     case = _random_case(seed, max_l=100)
     dtype = DTYPES[seed % 3]
     inp = make_inputs(case, _fresh())
     ref = reference(case, inp)
     tor = run(attention_fn("torch"), case, inp, dtype)
-    got = run(_emu_fn(emu), case, inp, dtype)
+    got = run(_emu_fn(emu, route), case, inp, dtype)
     try:
         check_rule(got, tor, ref, floor=_floor(dtype))
     except AssertionError as e:
@@ -443,8 +512,9 @@ def test_emulated_probe_kernels_head_dims(emu, d, dtype):
 
 
 def test_emulated_backend_routes(emu, monkeypatch):
-    """cuda_backend.attention (the extension swapped for the emulated one): unmasked calls take
-    SDPA + the probe ops, masked ones the fused kernels; both match the explicit routes."""
+    """cuda_backend.attention (the extension swapped for the emulated one): unmasked and masked
+    calls alike take the torch backend's SDPA output + the CUDA probe op, never the fused kernels;
+    the same numbers as the explicit route "probes"."""
     monkeypatch.setattr(cuda_backend, "_ext", emu)
     calls = []
     real_op = cuda_backend.fused.attention
@@ -453,16 +523,89 @@ def test_emulated_backend_routes(emu, monkeypatch):
         calls.append("fused")
         return real_op(*a, **kw)
     monkeypatch.setattr(cuda_backend.fused, "attention", spy)
-    for case, route in [(Case(2, 4, 2, 26, 40, 32, r=3, c=4), "probes"),
-                        (Case(2, 4, 2, 26, 26, 32, padding="left", r=3, c=4), "fused")]:
+    for case in [Case(2, 4, 2, 26, 40, 32, r=3, c=4),
+                 Case(2, 4, 2, 26, 26, 32, padding="left", r=3, c=4),
+                 Case(2, 4, 2, 30, 30, 32, window=5, r=3, c=None),
+                 Case(1, 2, 1, 10, 33, 16, padding="right", r=2, c=4)]:
         inp = make_inputs(case, _fresh())
-        calls.clear()
-        fn = _spec_fn(cuda_backend.attention)
-        got = run(fn, case, inp, torch.float32)
-        assert calls == ([] if route == "probes" else ["fused"])
-        want = run(_emu_fn(emu, route), case, inp, torch.float32)
+        got = run(_spec_fn(cuda_backend.attention), case, inp, torch.float32)
+        assert calls == []
+        want = run(_emu_fn(emu, "probes"), case, inp, torch.float32)
         for n in want:
             torch.testing.assert_close(got[n], want[n], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_emulated_fully_masked_rows_and_unused_slots_give_zero(emu, monkeypatch, dtype):
+    """backend="cuda"'s route with rows that see no key (batch 0: every key padded; batch 1: left
+    padding under a window of 4, rows < 12 see nothing) and -1 probe slots: out, probs and the
+    gradients of those rows are 0, nothing is NaN, the rest matches the reference."""
+    monkeypatch.setattr(cuda_backend, "_ext", emu)
+    case = Case(2, 4, 2, 40, 40, 32, window=4, padding="left", r=4, c=6)
+    inp = make_inputs(case, _fresh())
+    inp["kpm"][0] = False
+    inp["kpm"][1] = True
+    inp["kpm"][1, :12] = False
+    inp["rows"][1, 1] = 5  # a probe row that sees no key
+    assert bool((inp["rows"][:, -1] == -1).all())
+    q, k, v = (inp[n].to(dtype).requires_grad_() for n in "qkv")
+    out, probs = _spec_fn(cuda_backend.attention)(
+        q, k, v, causal=True, scale=None, key_padding_mask=inp["kpm"], window=4,
+        probe_rows=inp["rows"], probe_cols=inp["cols"])
+    ((out.double() * inp["do"]).sum() + (probs.double() * inp["dp"]).sum()).backward()
+    for t in (out, probs, q.grad, k.grad, v.grad):
+        assert not t.isnan().any()
+    assert torch.all(out[0] == 0) and torch.all(out[1, :, :12] == 0)
+    assert torch.all(probs[0] == 0) and torch.all(probs[:, :, -1] == 0)
+    assert torch.all(probs[1, :, 1] == 0)
+    assert torch.all(q.grad[0] == 0) and torch.all(q.grad[1, :, :12] == 0)
+    assert torch.all(k.grad[0] == 0) and torch.all(v.grad[0] == 0)
+    ref = reference(case, inp)
+    tor = run(attention_fn("torch"), case, inp, dtype)
+    got = {"out": out, "probs": probs, "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    check_rule({n: t.detach().double() for n, t in got.items()}, tor, ref, floor=_floor(dtype))
+
+
+@pytest.mark.parametrize("case", [Case(2, 6, 2, 40, 40, 32, window=7, padding="left", r=3, c=5),
+                                  Case(1, 4, 1, 12, 30, 16, r=2, c=None)], ids=str)
+def test_emulated_gqa_kv_expansion(emu, monkeypatch, case):
+    """Where no fused SDPA kernel takes a masked GQA call (decided on a GPU only), ``output``
+    repeats k / v to the query heads: same results, gradients summed back over the group."""
+    inp = make_inputs(case, _fresh())
+    ref = reference(case, inp)
+    tor = run(attention_fn("torch"), case, inp, torch.float32)
+    seen = []
+    real = cuda_backend.torch_backend.output
+
+    def spy(q, k, v, spec):
+        seen.append((k.shape[1], spec.kv_heads))
+        return real(q, k, v, spec)
+    monkeypatch.setattr(cuda_backend.torch_backend, "output", spy)
+    plain = run(_emu_fn(emu), case, inp, torch.float32)
+    assert seen == [(case.hkv, case.hkv)]
+    monkeypatch.setattr(cuda_backend, "expands_kv", lambda q, k, v, spec: True)
+    got = run(_emu_fn(emu), case, inp, torch.float32)
+    assert seen[1] == (case.hq, case.hq)
+    check_rel(got, ref, 2e-4)
+    check_rule(got, tor, ref, floor=_floor(torch.float32))
+    for n in got:
+        torch.testing.assert_close(got[n], plain[n], rtol=1e-5, atol=1e-6)
+
+
+def test_expands_kv_only_for_masked_gqa_on_a_gpu(monkeypatch):
+    """The rule itself on CPU tensors: never on a CPU, never for MHA or unmasked calls; the
+    PyTorch kernel check is not even asked (it is, on CUDA tensors, once per configuration)."""
+    asked = []
+    monkeypatch.setattr(cuda_backend, "_fused_sdpa_takes", lambda *a, **kw: asked.append(1))
+    q, k = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16)
+    kpm = torch.ones(1, 8, dtype=torch.bool)
+    for qq, kk, mask in [(q, k, kpm), (q, q, kpm), (q, k, None)]:
+        assert not cuda_backend.expands_kv(qq, kk, kk, spec_of(qq, kk, kk, key_padding_mask=mask))
+    assert asked == []
+    monkeypatch.undo()
+    # the PyTorch check itself runs on CPU tensors without raising (its answer is for CUDA)
+    assert cuda_backend._fused_sdpa_takes(q[:, :, :1], k[:, :, :1], k[:, :, :1], gqa=True) in (
+        True, False)
 
 
 def _spec_fn(backend_attention):
@@ -497,6 +640,79 @@ def test_emulated_probe_ops_opcheck_and_compile(emu, monkeypatch):
     got = torch.autograd.grad(compiled(q, k), (q, k))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# the sdpa engine's probes where Triton cannot run
+
+
+def test_sdpa_probe_engine_selection(monkeypatch):
+    """Triton where it runs; else the CUDA probe kernels on CUDA tensors (fp16 / bf16 / fp32,
+    D <= 256) when the extension loads; else the torch probe path. No build is attempted for
+    CPU tensors. (The CUDA answer is checked with availability patched, not by running CUDA.)"""
+    from abft_fast.ops import sdpa_backend
+    api = importlib.import_module("abft_fast.ops.attention")  # the module, not the function
+    loads = []
+
+    def loads_ok():
+        loads.append(1)
+        return True
+    monkeypatch.setattr(cuda_backend, "extension_loads", loads_ok)
+    q = torch.randn(1, 2, 4, 16)
+    spec = spec_of(q, q, q, probe_rows=torch.tensor([[3]]))
+    monkeypatch.setattr(sdpa_backend, "_triton_probes", lambda q: True)
+    assert sdpa_backend.probe_engine(q, spec) == "triton"
+    monkeypatch.setattr(sdpa_backend, "_triton_probes", lambda q: False)
+    assert sdpa_backend.probe_engine(q, spec) == "torch"  # CPU tensors: real availability check
+    assert loads == []
+    monkeypatch.setattr(api, "cuda_ext_available", lambda dev: (True, ""))
+    assert sdpa_backend.probe_engine(q, spec) == "cuda" and loads == [1]
+    assert sdpa_backend.probe_engine(q.half(), spec) == "cuda"
+    assert sdpa_backend.probe_engine(q.double(), spec) == "torch"
+    big = torch.randn(1, 2, 4, 300)
+    assert sdpa_backend.probe_engine(big, spec_of(big, big, big)) == "torch"
+    monkeypatch.setattr(cuda_backend, "extension_loads", lambda: False)  # a failed build
+    assert sdpa_backend.probe_engine(q, spec) == "torch"
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="failure path of a CPU-only torch")
+def test_extension_loads_is_false_once_a_build_failed(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(cuda_backend, "_ext", None)
+    monkeypatch.setattr(cuda_backend, "_build_error", None)
+    monkeypatch.setenv("ABFT_FAST_CUDA_BUILD_DIR", str(tmp_path / "build"))
+    caplog.set_level("WARNING", logger="abft_fast")
+    assert cuda_backend.extension_loads() is False
+    assert cuda_backend.extension_loads() is False
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1 and "building the CUDA extension failed" in msgs[0]
+
+
+@pytest.mark.parametrize("case", [Case(2, 6, 2, 40, 40, 32, r=3, c=5),
+                                  Case(1, 4, 1, 12, 70, 64, r=2, c=None)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_emulated_sdpa_engine_with_cuda_probe_kernels(emu, monkeypatch, case, dtype):
+    """backend="sdpa" with Triton unusable and the (emulated) CUDA extension available: the
+    probes come from the CUDA probe op, within the rule of the float64 reference."""
+    from abft_fast.ops import sdpa_backend
+    api = importlib.import_module("abft_fast.ops.attention")  # the module, not the function
+    monkeypatch.setattr(cuda_backend, "_ext", emu)
+    monkeypatch.setattr(sdpa_backend, "_triton_probes", lambda q: False)
+    monkeypatch.setattr(api, "cuda_ext_available", lambda dev: (True, ""))
+    calls = []
+    real = cuda_backend.probe_rows_op
+
+    def spy(*a):
+        calls.append(1)
+        return real(*a)
+    monkeypatch.setattr(cuda_backend, "probe_rows_op", spy)
+    inp = make_inputs(case, _fresh())
+    ref = reference(case, inp)
+    tor = run(attention_fn("torch"), case, inp, dtype)
+    got = run(attention_fn("sdpa"), case, inp, dtype)
+    assert calls == [1]
+    if dtype == torch.float32:
+        check_rel(got, ref, 2e-4)
+    check_rule(got, tor, ref, floor=_floor(dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -645,7 +861,7 @@ def test_cuda_gpu_auto_skips_the_fused_cuda_kernels_when_triton_is_unusable(monk
     """Padding with Triton unusable: auto goes to torch, not to the fused CUDA kernels (measured
     slower than the torch backend, bench/results/summary.md)."""
     import abft_fast
-    from abft_fast.ops import attention as api
+    api = importlib.import_module("abft_fast.ops.attention")  # the module, not the function
     monkeypatch.setattr(api, "_broken", {})
     monkeypatch.setattr(api, "triton_available", lambda dev: (False, "Triton disabled by the test"))
     calls = []
@@ -663,3 +879,36 @@ def test_cuda_gpu_auto_skips_the_fused_cuda_kernels_when_triton_is_unusable(monk
     assert calls == []
     ref, _ = abft_fast.attention(q, k, v, key_padding_mask=kpm, backend="torch")
     assert rel_err(out.double(), ref.double()) < 5e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_cuda_gpu_sdpa_engine_without_triton_uses_cuda_probe_kernels(monkeypatch, dtype):
+    """backend="sdpa" with Triton unusable: the probes come from the CUDA probe kernels (built
+    on first use), within the rule of the float64 reference."""
+    from abft_fast.ops import sdpa_backend
+    monkeypatch.setattr(sdpa_backend, "_triton_probes", lambda q: False)
+    case = Case(2, 8, 2, 300, 300, 64, r=4, c=16)
+    inp = _on_cuda(make_inputs(case, _fresh()))
+    q = inp["q"].to(dtype)
+    assert sdpa_backend.probe_engine(q, spec_of(q, q, q)) == "cuda"
+    ref = reference(case, inp)
+    tor = run(attention_fn("torch"), case, inp, dtype)
+    got = run(attention_fn("sdpa"), case, inp, dtype)
+    check_rule(got, tor, ref, floor=_floor(dtype, gpu=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=DT_IDS[1:])
+def test_cuda_gpu_masked_gqa_matches_reference_whether_or_not_kv_is_expanded(monkeypatch, dtype):
+    """Masked GQA on the GPU: PyTorch's own kernel check decides the k / v expansion; both ways
+    give the reference's numbers within the rule."""
+    case = Case(2, 8, 2, 700, 700, 128, window=200, padding="left", r=4, c=32)
+    inp = _on_cuda(make_inputs(case, _fresh()))
+    ref = reference(case, inp)
+    tor = run(attention_fn("torch"), case, inp, dtype)
+    for forced in (None, True, False):
+        if forced is not None:
+            monkeypatch.setattr(cuda_backend, "expands_kv", lambda *a, f=forced: f)
+        got = run(attention_fn("cuda"), case, inp, dtype)
+        check_rule(got, tor, ref, floor=_floor(dtype, gpu=True))
