@@ -46,6 +46,11 @@ def _parser():
         sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
         sp.add_argument("--out", default=None, help="output directory (report.json, plots, weights)")
         sp.add_argument("--no-progress", action="store_true")
+        sp.add_argument("--harness", default="abft", choices=["abft", "staicc", "both"],
+                        help="who scores: abft-fast's evaluator (stripped trailing space, first "
+                             "token of ' label', batched), StaICC's own harness (its prompts and "
+                             "label tokens, one prompt at a time), or both; train and demo always "
+                             "run abft-fast's (docs/abft.md)")
 
     def training(sp, demo=False):
         d = DEMO if demo else {}
@@ -86,6 +91,9 @@ def _parser():
     ev = sub.add_parser("eval", help="evaluate a model (optionally with trained q/k weights)")
     common(ev)
     ev.add_argument("--weights", default=None, help="qk.safetensors written by train")
+    ev.add_argument("--baseline", action="store_true",
+                    help="with --weights: evaluate the model without them too, and print the "
+                         "paired change (bootstrap interval, McNemar test)")
     ev.add_argument("--max-length", type=int, default=0,
                     help="longest prompt in tokens (0 = the model's context)")
     de = sub.add_parser("demo", help="a short ABFT run on SmolLM2-135M + SST-2 (< 10 min on CPU)")
@@ -105,19 +113,54 @@ def _setup(args):
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
 
 
+_HARNESS = {"abft": "", "staicc": " (StaICC harness)"}
+
+
+def _evaluations(args, model, tok, task, abft=True):
+    """The evaluations --harness asks for (with ``abft``, abft-fast's evaluator always):
+    ``{"abft": evaluate(...), "staicc": evaluate_staicc(...)}``."""
+    from .evaluate import evaluate, evaluate_staicc
+    out, prog = {}, not args.no_progress
+    if abft or args.harness in ("abft", "both"):
+        out["abft"] = evaluate(model, tok, task, args.eval_queries, args.eval_batch,
+                               args.robustness_queries, progress=prog,
+                               max_length=args.max_length)
+    if args.harness in ("staicc", "both"):
+        out["staicc"] = evaluate_staicc(model, tok, task, args.eval_queries, args.k, progress=prog)
+    return out
+
+
+def _paired(before, after):
+    """Paired change of every harness evaluated both times: {harness: stats.paired dict}."""
+    from .evaluate import compare
+    return {h: compare(before[h], after[h]) for h in after if h in before}
+
+
 def cmd_eval(args):
     from . import data
-    from .evaluate import evaluate
+    from .stats import paired_line
     from .trainer import load_qk
     _setup(args)
+    if args.baseline and not args.weights:
+        raise SystemExit("--baseline compares with --weights: give both")
     model, tok = load_model(args.model, args.dtype)
+    task = data.load_task(args.dataset, args.k)
+    base = _evaluations(args, model, tok, task, abft=False) if args.baseline else None
     if args.weights:
         model = load_qk(model, args.weights)
-    task = data.load_task(args.dataset, args.k)
-    res = evaluate(model, tok, task, args.eval_queries, args.eval_batch, args.robustness_queries,
-                   progress=not args.no_progress, max_length=args.max_length)
-    print(f"{task.name}: accuracy {res['accuracy']:.4f}  macro-F1 {res['macro_f1']:.4f}  "
-          f"({res['n_prompts']} prompts, {res['seconds']:.0f} s)")
+    got = _evaluations(args, model, tok, task, abft=False)
+    for h, r in got.items():
+        f1 = f"  macro-F1 {r['macro_f1']:.4f}" if r.get("macro_f1") is not None else ""
+        print(f"{task.name}{_HARNESS[h]}: accuracy {r['accuracy']:.4f}{f1}  "
+              f"({r['n_prompts']} prompts, {r['seconds']:.0f} s)")
+    if base is not None:
+        for h, s in _paired(base, got).items():
+            got[h]["accuracy_base"], got[h]["paired_vs_base"] = base[h]["accuracy"], s
+            print(f"{task.name}{_HARNESS[h]}: without the weights {base[h]['accuracy']:.4f}, "
+                  f"change {paired_line(s)}")
+    res = dict(got["abft"]) if "abft" in got else got["staicc"]
+    if "abft" in got and "staicc" in got:
+        res["staicc"] = got["staicc"]
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "eval.json"), "w") as f:
@@ -135,7 +178,7 @@ def cmd_train(args, title="ABFT"):
     from accelerate.utils import broadcast_object_list
 
     from . import data, plots
-    from .evaluate import evaluate
+    from .stats import paired_line
     from .trainer import TrainConfig, full_qk_state, is_sharded, make_accelerator, save_qk, train
     t_all = time.perf_counter()
     _setup(args)
@@ -177,11 +220,12 @@ def cmd_train(args, title="ABFT"):
     # (FSDP / DeepSpeed), where every forward is collective: then all processes evaluate the same
     # prompts and only the main process prints and writes.
     every = is_sharded(acc)
-    before = None
+    before, evals_before = None, {}
     if main_proc or every:
-        before = evaluate(model, tok, task, args.eval_queries, args.eval_batch,
-                          args.robustness_queries, progress=prog, max_length=args.max_length)
-        say(f"accuracy before: {before['accuracy']:.4f} ({before['n_prompts']} prompts)")
+        evals_before = _evaluations(args, model, tok, task)
+        before = evals_before["abft"]
+        for h, r in evals_before.items():
+            say(f"accuracy before{_HARNESS[h]}: {r['accuracy']:.4f} ({r['n_prompts']} prompts)")
     acc.wait_for_everyone()
     res = train(model, tok, task, cfg, progress=prog, accelerator=acc,
                 save_every=args.save_every, checkpoint_dir=os.path.join(out, "checkpoints"),
@@ -190,15 +234,19 @@ def cmd_train(args, title="ABFT"):
     acc.wait_for_everyone()
     after = full = None
     if every:
-        after = evaluate(model, tok, task, args.eval_queries, args.eval_batch,
-                         args.robustness_queries, progress=prog, max_length=args.max_length)
+        evals_after = _evaluations(args, model, tok, task)
+        after = evals_after["abft"]
         full = full_qk_state(model)  # collective: all processes
     if not main_proc:
         return None
     if after is None:
-        after = evaluate(model, tok, task, args.eval_queries, args.eval_batch,
-                         args.robustness_queries, progress=prog, max_length=args.max_length)
-    say(f"accuracy after:  {after['accuracy']:.4f} ({after['n_prompts']} prompts)")
+        evals_after = _evaluations(args, model, tok, task)
+        after = evals_after["abft"]
+    # Paired uncertainty of every before/after change, on the same prompts (abft/stats.py).
+    paired = _paired(evals_before, evals_after)
+    for h, r in evals_after.items():
+        say(f"accuracy after{_HARNESS[h]}:  {r['accuracy']:.4f} ({r['n_prompts']} prompts); "
+            f"change {paired_line(paired[h])}")
     weights = os.path.join(out, "qk.safetensors")
     save_qk(model, weights, full=full)  # full: the gathered tensors when sharded
     steps_s = [h["seconds"] for h in res.history]
@@ -206,12 +254,19 @@ def cmd_train(args, title="ABFT"):
         "model": args.model, "dataset": task.name, "staicc_dataset": task.staicc_name,
         "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
         "macro_f1_before": before["macro_f1"], "macro_f1_after": after["macro_f1"],
+        # after - before on the same prompts: difference, seeded paired-bootstrap 95 % interval,
+        # McNemar exact p; "paired" holds it per harness ("abft", and "staicc" if asked).
+        "accuracy_change": paired["abft"], "paired": paired,
         "train_seconds": res.seconds, "mean_step_seconds": sum(steps_s) / len(steps_s),
         "model_load_seconds": load_s, "processes": acc.num_processes,
         "distributed_type": str(acc.distributed_type),
         "settings": {**asdict(cfg), **{
             k: v for k, v in vars(args).items() if k not in asdict(cfg)}},
         "history": res.history, "eval_before": before, "eval_after": after,
+        **({"staicc_accuracy_before": evals_before["staicc"]["accuracy"],
+            "staicc_accuracy_after": evals_after["staicc"]["accuracy"],
+            "staicc_before": evals_before["staicc"], "staicc_after": evals_after["staicc"]}
+           if "staicc" in evals_after else {}),
         "weights": weights, "command": " ".join(["abft-fast"] + sys.argv[1:]),
     }
     if not getattr(args, "no_plots", False):
@@ -225,7 +280,8 @@ def cmd_train(args, title="ABFT"):
     with open(tmp, "w") as f:
         json.dump(report, f, indent=1)
     os.replace(tmp, os.path.join(out, "report.json"))
-    say(f"accuracy {before['accuracy']:.4f} -> {after['accuracy']:.4f}; "
+    say(f"accuracy {before['accuracy']:.4f} -> {after['accuracy']:.4f} "
+        f"({paired_line(paired['abft'])}); "
         f"train {res.seconds:.0f} s, total {report['total_seconds']:.0f} s; report in "
         f"{os.path.join(out, 'report.json')}")
     return report

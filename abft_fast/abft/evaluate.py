@@ -7,13 +7,17 @@ labels per layer, for the plots.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import time
+import warnings
 from collections import Counter
 
 import torch
 
 from .. import hf
-from . import data
+from . import data, stats
 from .params import unwrap
 
 
@@ -137,6 +141,9 @@ def evaluate(model, tokenizer, task: data.Task, n_queries=None, batch=8, robustn
         "unseen_label_accuracy": sum(unseen) / len(unseen) if unseen else None,
         "unseen_label_prompts": len(unseen),
         "prediction_counts": [pred.count(c) for c in range(len(task.label_words))],
+        # Per prompt, in eval_prompts order (sampling-major): what paired statistics need.
+        "predictions": pred,
+        "gold": gold,
         "majority_class_accuracy": max(gold.count(c) for c in set(gold)) / len(gold),
         "attention_mass": mass,
     }
@@ -165,3 +172,128 @@ def _template_predictions(model, tokenizer, task, prompts, batch, progress, max_
         for i, p in zip(idx, lg.argmax(1).tolist()):
             preds[i] = p
     return preds
+
+
+# ----------------------------------------------------------------------------- paired reporting
+
+def correctness(res: dict) -> list:
+    """Per-prompt correctness (0/1) of an evaluation result (``evaluate`` or ``evaluate_staicc``)."""
+    if "predictions" not in res or "gold" not in res:
+        raise KeyError("this evaluation result keeps no per-prompt predictions")
+    return [int(p == g) for p, g in zip(res["predictions"], res["gold"])]
+
+
+def compare(before: dict, after: dict, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Paired uncertainty of after - before on the same prompts (``stats.paired``): accuracy
+    difference, its seeded bootstrap 95 % interval and McNemar's exact p-value."""
+    if before.get("gold") != after.get("gold"):
+        raise ValueError("before and after were not evaluated on the same prompts")
+    return stats.paired(correctness(before), correctness(after), n_boot=n_boot, seed=seed)
+
+
+# ----------------------------------------------------------------------------- StaICC's harness
+
+def staicc_experimentor(task: data.Task | str, k: int = 4):
+    """StaICC's own ``single_experimentor`` for a data set, built as StaICC's ``Normal`` benchmark
+    builds it (its standard split, its template, its seeded demonstration sampler). Built once per
+    (data set, k) in a process (about 4 s each) and reused: scoring does not change its prompts."""
+    name = task.name if isinstance(task, data.Task) else data.ALIASES.get(task, task)
+    if name not in data.DATASETS:
+        raise ValueError(f"dataset must be one of {sorted(data.DATASETS)}; got {name!r}")
+    return _experimentor(name, int(k))
+
+
+@functools.lru_cache(maxsize=4)
+def _experimentor(name, k):
+    from StaICC.util import experimentor, hgf_dataset_loader
+    cls_name, dividing = data.DATASETS[name]
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        return experimentor.single_experimentor(
+            original_dataset=getattr(hgf_dataset_loader, cls_name)(), k=k, dividing=dividing)
+
+
+def staicc_label_tokens(tokenizer, label_space) -> list:
+    """The token StaICC's reference inference reads for each label: the LAST id of
+    ``tokenizer(label)`` (special tokens included, no leading space)."""
+    return [tokenizer(w).input_ids[-1] for w in label_space]
+
+
+def _metric(fn, gold, probs):
+    """One of StaICC's metric functions; None where it refuses the subset (its ECE needs at least
+    as many prompts as its 10 bins)."""
+    try:
+        return fn(gold, probs)
+    except ValueError:
+        return None
+
+
+def evaluate_staicc(model, tokenizer, task: data.Task | str, n_queries=None, k: int = 4,
+                    progress=True, experimentor=None):
+    """Accuracy as StaICC computes it: its ``single_experimentor`` prompts (exactly as written,
+    ending in the label prefix's trailing space), scored one at a time by its reference inference
+    ``standard_ICL_inference_with_torch_Causal_LM`` (the whole prompt with the tokenizer's
+    special tokens, the last position's logits at the last token of each bare label word, softmax),
+    and its metric functions (``accuracy``: argmax == ground truth).
+
+    ``n_queries`` None (or the full test split): ``single_experimentor.auto_run`` itself, all 512
+    test queries x 2 demonstration samplings. Fewer: the first ``n_queries`` queries of each
+    sampling from the same experimentor's ``prompt_set()`` (the same prompts, in the same order,
+    as our evaluator's ``eval_prompts``), scored by the same inference and metric functions.
+    """
+    from StaICC.prefabricate_inference.model_kernel import (
+        standard_ICL_inference_with_torch_Causal_LM,
+    )
+    from StaICC.util import functional
+    t0 = time.perf_counter()
+    ex = experimentor if experimentor is not None else staicc_experimentor(task, k)
+    lm = unwrap(model)
+    was_training = lm.training
+    lm.eval()
+
+    def infer(prompt, label_space):
+        return standard_ICL_inference_with_torch_Causal_LM(
+            prompt=prompt, model=lm, tokenizer=tokenizer, label_space=label_space,
+            cache_empty=None)
+
+    nt, reps = len(ex.triplet_dataset.test), ex.get_repeat_times()
+    n = nt if n_queries is None else int(n_queries)
+    if not 1 <= n <= nt:
+        raise ValueError(f"n_queries must be in 1..{nt}; got {n_queries}")
+    quiet = contextlib.redirect_stdout(io.StringIO()) if not progress else contextlib.nullcontext()
+    try:
+        with quiet:
+            if n == nt:
+                metrics, ok, out = ex.auto_run(forward_inference=infer, return_outputs=True)
+                if not ok:
+                    raise RuntimeError(f"StaICC's experimentor failed on {task}")
+                probs, gold = out["prob."], out["groundtruth"]
+            else:
+                prompts = ex.prompt_set()
+                idx = [r * nt + q for r in range(reps) for q in range(n)]
+                from tqdm.auto import tqdm
+                probs = [infer(prompt=prompts[i], label_space=ex.get_label_space())
+                         for i in tqdm(idx, desc="StaICC harness", disable=not progress)]
+                gold = [ex.triplet_dataset.get_default_ground_truth_label_index(i % nt)
+                        for i in idx]
+                metrics = {name: _metric(fn, gold, probs) for name, fn in ex.metrics.items()}
+    finally:
+        lm.train(was_training)
+    pred = functional.compress_logits_prediction_to_onehot(probs)
+    space = ex.get_label_space()
+    ids = staicc_label_tokens(tokenizer, space)
+    return {
+        "harness": "staicc",
+        "accuracy": metrics["accuracy"],
+        "macro_f1": metrics.get("macro_F1"),
+        "staicc_metrics": metrics,
+        "n_prompts": len(gold),
+        "full_test_set": n == nt,
+        "prediction_counts": [pred.count(c) for c in range(len(space))],
+        "label_space": space,
+        "label_token_ids": ids,
+        "label_tokens": [tokenizer.convert_ids_to_tokens(i) for i in ids],
+        "predictions": pred,
+        "gold": gold,
+        "seconds": time.perf_counter() - t0,
+    }
