@@ -6,13 +6,18 @@ Per key/value head, the probe rows of its G query heads form one tile of M = G x
 abft_fast.kernels.attention (causal, window, key padding; query i at absolute position i + Lk - Lq):
 
   _probe_fwd_kernel   lse_r = log sum_j exp(s q_r . k_j) over the visible keys (online, one pass
-                      over K), then P[r, c] = exp(s q_r . k_c - lse_r) at the probe columns (or
+                      over the tile's key range: from the earliest row's first window key,
+                      rounded down to a key block, to the latest row's causal limit), then
+                      P[r, c] = exp(s q_r . k_c - lse_r) at the probe columns (or
                       every key: full rows). Writes P [B, Hq, R, C] and lse [B, Hq, R].
-  _probe_dk_kernel    dK_j = s * sum_r dS_rj q_r for one key block (dS rounded to the input dtype
-                      for the tensor-core dot, as the flash backward does), with
+  _probe_dk_kernel    dK_j = s * sum_r dS_rj q_r for one key block (dS in the input dtype for the
+                      tensor-core dot; in bfloat16 as two parts, see _dot_ds), with
                       dS_rj = E_rj - u_r P_rj, E the probe gradient scattered to full rows
-                      (E_rj = sum_{c: cols_c = j} P_rc G_rc) and u_r = sum_c P_rc G_rc.
-  _probe_dq_kernel    dQ_r = s * sum_j dS_rj k_j for one tile of probe rows.
+                      (E_rj = sum_{c: cols_c = j} P_rc G_rc) and u_r = sum_c P_rc G_rc;
+                      stores dK, or adds it in place into a given dk of any strides (unit last
+                      stride), e.g. SDPA's dk of a transposed k.
+  _probe_dq_kernel    dQ_r = s * sum_j dS_rj k_j for one tile of probe rows, over the same key
+                      range as the forward.
 
 O(R * Lk * D) work and O(R * Lk) memory per head; no L x L anywhere. No autograd here.
 """
@@ -55,6 +60,35 @@ def _row_visible(row_c, row_ok, offs_n, kp_ok, OFF, CAUSAL: tl.constexpr, WINDOW
 
 
 @triton.jit
+def _dot_ds(ds, x, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """ds (float32) @ x (input dtype) on tensor cores. In bfloat16 ds goes in as the sum of two
+    bfloat16 parts (ds rounded, then its remainder): one rounding of ds to bfloat16 (8 bits) costs
+    the probe gradients twice the error of the same maths in PyTorch, which keeps ds in float32;
+    float16 (11 bits) and float32 take one dot."""
+    if x.dtype == tl.bfloat16:
+        hi = ds.to(tl.bfloat16)
+        lo = (ds - hi.to(tl.float32)).to(tl.bfloat16)
+        return _dot(hi, x, PREC, UPCAST) + _dot(lo, x, PREC, UPCAST)
+    return _dot(ds.to(x.dtype), x, PREC, UPCAST)
+
+
+@triton.jit
+def _key_range(row_c, row_ok, OFF, Lk, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """[lo, hi) of the keys a probe tile scans: from the first key the earliest row's window
+    shows (rounded down to a key block) to the latest row's causal limit; lo >= hi when no row
+    of the tile is valid."""
+    lo = 0
+    hi = Lk
+    if CAUSAL:
+        hi = tl.minimum(Lk, tl.max(tl.where(row_ok, row_c, 0)).to(tl.int32) + OFF + 1)
+        if WINDOW > 0:
+            first = tl.min(tl.where(row_ok, row_c, Lk)).to(tl.int32) + OFF - WINDOW + 1
+            lo = tl.maximum(first, 0) // BLOCK_N * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
 def _row_grad_stats(LSE, U, b, h, slot, Hq, R, row_ok):
     """(index of (b, h, slot), row valid and seeing a key, base-2 lse, u) of probe tile rows."""
     ridx = (b * Hq + h) * R + slot
@@ -86,10 +120,8 @@ def _probe_fwd_kernel(Q, K, ROWS, COLS, P, LSE, KPM,
     qk_scale = sm_scale * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    hi = Lk
-    if CAUSAL:
-        hi = tl.minimum(Lk, tl.max(tl.where(row_ok, row_c, 0)) + OFF + 1)
-    for start_n in tl.range(0, hi, BLOCK_N):
+    lo, hi = _key_range(row_c, row_ok, OFF, Lk, CAUSAL, WINDOW, BLOCK_N)
+    for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kp_ok = _key_ok(KPM, s_kpm_b, b, offs_n, Lk, HAS_KPM)
         kt = tl.load(k_base + offs_n[None, :] * s_kl + offs_d[:, None],
@@ -129,7 +161,7 @@ def _probe_fwd_kernel(Q, K, ROWS, COLS, P, LSE, KPM,
 
 @triton.jit
 def _probe_dk_kernel(Q, K, ROWS, LSE, U, E, DK, KPM,
-                     s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_kpm_b,
+                     s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_kpm_b, s_dkb, s_dkh, s_dkl,
                      Hq, G, Lq, Lk, D, R, sm_scale,
                      CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -159,8 +191,8 @@ def _probe_dk_kernel(Q, K, ROWS, LSE, U, E, DK, KPM,
         e = tl.load(E + ridx[:, None] * Lk + offs_n[None, :],
                     mask=row_ok[:, None] & nmask[None, :], other=0.0)
         ds = e - u[:, None] * p  # [BM, BN]
-        dk += _dot(tl.trans(ds).to(q.dtype), q, PREC, UPCAST)
-    dk_ptrs = DK + bhk * Lk * D + offs_n[:, None] * D + offs_d[None, :]
+        dk += _dot_ds(tl.trans(ds), q, PREC, UPCAST)
+    dk_ptrs = DK + b * s_dkb + hk * s_dkh + offs_n[:, None] * s_dkl + offs_d[None, :]
     dk_mask = nmask[:, None] & dmask[None, :]
     dk = dk * sm_scale
     if ACCUMULATE:  # add into an existing gradient (the output's dk), in its dtype
@@ -189,10 +221,8 @@ def _probe_dq_kernel(Q, K, ROWS, LSE, U, E, DQ, KPM,
     k_base = K + b * s_kb + hk * s_kh
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = Lk
-    if CAUSAL:
-        hi = tl.minimum(Lk, tl.max(tl.where(row_ok, row_c, 0)) + OFF + 1)
-    for start_n in tl.range(0, hi, BLOCK_N):
+    lo, hi = _key_range(row_c, row_ok, OFF, Lk, CAUSAL, WINDOW, BLOCK_N)
+    for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         nmask = offs_n < Lk
         kp_ok = _key_ok(KPM, s_kpm_b, b, offs_n, Lk, HAS_KPM)
@@ -204,7 +234,7 @@ def _probe_dq_kernel(Q, K, ROWS, LSE, U, E, DQ, KPM,
         e = tl.load(E + ridx[:, None] * Lk + offs_n[None, :],
                     mask=row_ok[:, None] & nmask[None, :], other=0.0)
         ds = e - u[:, None] * p
-        dq += _dot(ds.to(k.dtype), k, PREC, UPCAST)
+        dq += _dot_ds(ds, k, PREC, UPCAST)
     tl.store(DQ + ridx[:, None] * D + offs_d[None, :], dq * sm_scale,
              mask=row_ok[:, None] & dmask[None, :])
 
@@ -235,6 +265,20 @@ def _prep(q, k, kpm):
 def _dots(q):
     return dict(PREC="ieee" if q.dtype == torch.float32 else "tf32",
                 UPCAST=_interpreting() and q.dtype == torch.bfloat16)
+
+
+def accepts_dk_out(dk) -> bool:
+    """Whether the dk kernel can add in place into ``dk``: unit last stride (as for q and k) and
+    no two elements at one address (each dimension, by increasing stride, steps past the reach of
+    the ones before it: true of dense tensors in any dimension order and of slices of them)."""
+    if dk.stride(-1) != 1:
+        return False
+    reach = 0
+    for stride, size in sorted((st, n) for st, n in zip(dk.stride(), dk.shape) if n > 1):
+        if stride <= reach:
+            return False
+        reach += (size - 1) * stride
+    return True
 
 
 def probe_rows_fwd(q, k, rows, cols=None, key_padding_mask=None, *, causal=True, window=None,
@@ -272,9 +316,10 @@ def probe_rows_bwd(q, k, rows, lse, u, e, key_padding_mask=None, *, causal=True,
 
     lse [B,Hq,R] from probe_rows_fwd; u [B,Hq,R] = sum_c P G; e [B,Hq,R,Lk] = P G scattered to
     the probe columns (float32). Returns (dq_rows [B,Hq,R,D], dk [B,Hkv,Lk,D]), float32; dq_rows
-    is 0 on unused slots and rows with no visible key. With ``dk_out`` (a contiguous [B,Hkv,Lk,D]
-    tensor of any float dtype, e.g. the output's dk) the probe part is added into it in place and
-    dk_out is returned as dk."""
+    is 0 on unused slots and rows with no visible key. With ``dk_out`` (a [B,Hkv,Lk,D] tensor of
+    any float dtype and any strides whose last is 1 and whose elements do not overlap, e.g. the
+    output's dk, often a transposed view in HF models; see ``accepts_dk_out``) the probe part is
+    added into it in place and dk_out is returned as dk."""
     q, k, kpm, s_kpm = _prep(q, k, key_padding_mask)
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -282,9 +327,10 @@ def probe_rows_bwd(q, k, rows, lse, u, e, key_padding_mask=None, *, causal=True,
     scale = d ** -0.5 if scale is None else float(scale)
     dq = torch.zeros(b, hq, r, d, dtype=torch.float32, device=q.device)
     if dk_out is not None:
-        if tuple(dk_out.shape) != (b, hkv, lk, d) or not dk_out.is_contiguous():
-            raise ValueError(f"dk_out must be a contiguous [{b}, {hkv}, {lk}, {d}] tensor, got "
-                             f"{tuple(dk_out.shape)} (contiguous: {dk_out.is_contiguous()})")
+        if tuple(dk_out.shape) != (b, hkv, lk, d) or not accepts_dk_out(dk_out):
+            raise ValueError(f"dk_out must be a [{b}, {hkv}, {lk}, {d}] tensor with a unit last "
+                             f"stride and no overlapping elements, got {tuple(dk_out.shape)} "
+                             f"with strides {dk_out.stride()}")
         dk = dk_out
     else:
         dk = torch.empty(b, hkv, lk, d, dtype=torch.float32, device=q.device)
@@ -292,14 +338,16 @@ def probe_rows_bwd(q, k, rows, lse, u, e, key_padding_mask=None, *, causal=True,
         return dq, dk if dk_out is not None else dk.zero_()
     rows, lse, u, e = rows.contiguous(), lse.contiguous(), u.contiguous(), e.contiguous()
     bm, bn = _tiles(g * r, q.device)
-    common = (*q.stride()[:3], *k.stride()[:3], s_kpm, hq, g, lq, lk, d, r, scale)
+    common = (*q.stride()[:3], *k.stride()[:3], s_kpm)
+    sizes = (hq, g, lq, lk, d, r, scale)
     meta = dict(**_flags(key_padding_mask, causal, window), BLOCK_M=bm, BLOCK_N=bn,
                 BLOCK_D=padded_head_dim(d), **_dots(q), num_warps=4)
     _probe_dk_kernel[(triton.cdiv(lk, bn), b * hkv)](q, k, rows, lse, u, e, dk, kpm, *common,
-                                                     **meta, ACCUMULATE=dk_out is not None)
+                                                     *dk.stride()[:3], *sizes, **meta,
+                                                     ACCUMULATE=dk_out is not None)
     _probe_dq_kernel[(triton.cdiv(g * r, bm), b * hkv)](q, k, rows, lse, u, e, dq, kpm, *common,
-                                                        **meta)
+                                                        *sizes, **meta)
     return dq, dk
 
 
-__all__ = ["probe_rows_fwd", "probe_rows_bwd"]
+__all__ = ["accepts_dk_out", "probe_rows_fwd", "probe_rows_bwd"]

@@ -76,7 +76,7 @@ class SdpaWithProbes(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dprobs):
-        from ..kernels.probes import probe_rows_bwd
+        from ..kernels.probes import accepts_dk_out, probe_rows_bwd
         q, k, probs, lse = ctx.saved_tensors
         spec = ctx.spec
         if ctx.graph is None:
@@ -96,7 +96,8 @@ class SdpaWithProbes(torch.autograd.Function):
         if dprobs is not None and (q.requires_grad or k.requires_grad):
             u, e = probe_ops.grad_inputs(probs, dprobs, spec.probe_cols, spec.k_len)
             dk = grads[1]
-            in_place = dk is not None and dk.is_contiguous()
+            # in place into SDPA's dk whatever its strides (a transposed view in HF models)
+            in_place = dk is not None and accepts_dk_out(dk)
             dq_rows, dk_p = probe_rows_bwd(q, k, spec.probe_rows, lse, u, e, None,
                                            causal=spec.causal, window=None, scale=spec.scale,
                                            dk_out=dk if in_place else None)

@@ -14,11 +14,12 @@ from cases import (
     reference,
     rel_err,
     run,
+    spec_of,
 )
 
 import abft_fast
 from abft_fast.kernels import probes
-from abft_fast.ops import sdpa_backend
+from abft_fast.ops import probe_ops, sdpa_backend, torch_backend
 from abft_fast.ops.reference import attention_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -200,3 +201,203 @@ def test_second_backward_is_a_clear_error():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="already differentiated"):
         loss.backward()
+
+
+# ----------------------------------------------------------------------------------------------
+# dk in place into any strided dk; key range of the forward and dq-rows kernels (window, Lq < Lk)
+
+
+def _strided_dk(kind, b, hkv, lk, d, dtype):
+    """A [B, Hkv, Lk, D] tensor laid out as SDPA's dk often is: contiguous, a transposed view
+    (HF's k = proj(x).view(B, L, H, D).transpose(1, 2)), or a slice of a wider buffer."""
+    g = fresh_generator()
+    if kind == "contiguous":
+        return torch.randn(b, hkv, lk, d, generator=g).to(dtype)
+    if kind == "transposed":
+        return torch.randn(b, lk, hkv, d, generator=g).to(dtype).transpose(1, 2)
+    return torch.randn(b, hkv, lk, 2 * d + 3, generator=g).to(dtype)[..., 3:d + 3]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
+@pytest.mark.parametrize("case", [Case(2, 4, 2, 21, 21, 32, r=3, c=5),
+                                  Case(1, 6, 3, 9, 26, 16, window=6, r=2, c=None)], ids=str)
+def test_probe_dk_adds_in_place_into_strided_dk(case, layout):
+    """probe_rows_bwd(dk_out=...) adds the probe part of dk into the given tensor, whatever its
+    strides: same storage and address, every element = old value + probe dk (float64 check)."""
+    inp = make_inputs(case, fresh_generator())
+    q, k, rows, cols = inp["q"].float(), inp["k"].float(), inp["rows"], inp["cols"]
+    dk_out = _strided_dk(layout, case.b, case.hkv, case.lk, case.d, torch.float32).to(DEV)
+    assert probes.accepts_dk_out(dk_out) and (layout == "contiguous") == dk_out.is_contiguous()
+    before, ptr = dk_out.double().cpu(), dk_out.data_ptr()
+    p, lse = probes.probe_rows_fwd(q.to(DEV), k.to(DEV), rows.to(DEV),
+                                   None if cols is None else cols.to(DEV), causal=case.causal,
+                                   window=case.window)
+    u, e = probe_ops.grad_inputs(p, inp["dp"].float().to(DEV),
+                                 None if cols is None else cols.to(DEV), case.lk)
+    _, dk = probes.probe_rows_bwd(q.to(DEV), k.to(DEV), rows.to(DEV), lse, u, e,
+                                  causal=case.causal, window=case.window, dk_out=dk_out)
+    assert dk is dk_out and dk_out.data_ptr() == ptr
+    qr, kr = (t.clone().requires_grad_() for t in (inp["q"], inp["k"]))
+    _, _, pref = attention_reference(qr, kr, inp["v"], causal=case.causal, window=case.window,
+                                     probe_rows=rows, probe_cols=cols)
+    dk_ref, = torch.autograd.grad((pref * inp["dp"]).sum(), (kr,))
+    assert rel_err(dk_out.cpu().double() - before, dk_ref) <= 2e-5
+
+
+def test_probe_dk_refuses_overlapping_dk():
+    q, k = torch.randn(1, 2, 8, 16, device=DEV), torch.randn(1, 1, 8, 16, device=DEV)
+    rows = torch.tensor([[7]], device=DEV)
+    p, lse = probes.probe_rows_fwd(q, k, rows)
+    bad = torch.zeros(1, 1, 1, 16, device=DEV).expand(1, 1, 8, 16)
+    with pytest.raises(ValueError, match="no overlapping elements"):
+        probes.probe_rows_bwd(q, k, rows, lse, p[..., 0], p, dk_out=bad)
+
+
+class _DenseAllocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts op results with at least ``numel`` elements in storage that no input of the op
+    owns (new allocations, not views or in-place results)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.seen = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        ins = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves(
+            (args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if (isinstance(t, torch.Tensor) and t.numel() >= self.numel
+                    and t.untyped_storage().data_ptr() not in ins):
+                self.seen.append(f"{func}{tuple(t.shape)}")
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", [Case(2, 4, 2, 24, 24, 32, r=3, c=5),
+                                  Case(1, 3, 3, 20, 20, 32, r=2, c=None)], ids=str)
+def test_one_node_path_adds_probe_dk_in_place_into_transposed_dk(case, dtype, monkeypatch):
+    """HF models pass k as a transposed view, so SDPA's dk is not contiguous: the one-node path
+    still adds the probe part of dk in place (the dk kernel gets the tensor SDPA returned, and
+    returns it), and the probes' backward allocates nothing of dk's size (counted against the
+    backward of the same call without the probe loss). Gradients against float64 (2x rule)."""
+    inp = make_inputs(case, fresh_generator())
+    b, hkv, lk, d = case.b, case.hkv, case.lk, case.d
+    seen = []
+    real = probes.probe_rows_bwd
+
+    def spy(*a, dk_out=None, **kw):
+        seen.append(dk_out)
+        got = real(*a, dk_out=dk_out, **kw)
+        assert dk_out is not None and got[1] is dk_out
+        return got
+    monkeypatch.setattr(probes, "probe_rows_bwd", spy)
+
+    def call(with_probe_loss):
+        q = inp["q"].to(dtype).to(DEV).requires_grad_()
+        # HF layout: k, v = proj(x).view(B, L, Hkv, D).transpose(1, 2)
+        kl, vl = (inp[n].transpose(1, 2).contiguous().to(dtype).to(DEV).requires_grad_()
+                  for n in ("k", "v"))
+        k, v = kl.transpose(1, 2), vl.transpose(1, 2)
+        out, probs = abft_fast.attention(q, k, v, probe_rows=inp["rows"].to(DEV),
+                                         probe_cols=None if inp["cols"] is None
+                                         else inp["cols"].to(DEV), backend="sdpa")
+        loss = (out.double() * inp["do"].to(DEV)).sum()
+        if with_probe_loss:
+            loss = loss + (probs.double() * inp["dp"].to(DEV)).sum()
+        with _DenseAllocations(b * hkv * lk * d) as mode:
+            loss.backward()
+        return mode.seen, dict(out=out, probs=probs, dq=q.grad, dk=kl.grad.transpose(1, 2),
+                               dv=vl.grad.transpose(1, 2))
+
+    base, _ = call(False)
+    assert seen == []
+    allocs, got = call(True)
+    assert len(seen) == 1 and not seen[0].is_contiguous()
+    assert allocs == base, f"probe backward allocated {set(allocs) - set(base) or allocs}"
+    got = {n: t.detach().cpu().double() for n, t in got.items()}
+    ref = reference(case, inp)
+    tor = run(attention_fn("torch"), case, inp, dtype)
+    check_rule(got, tor, ref, floor=1e-6 if dtype == torch.float32 else 1e-3)
+
+
+# Window and Lq < Lk (queries are the last Lq positions): the forward and dq-rows kernels scan
+# keys from the tile's first window key (block-aligned) to its causal limit.
+RANGE_CASES = [
+    Case(2, 4, 2, 40, 40, 16, window=7, r=3, c=5),
+    Case(2, 6, 2, 9, 48, 32, window=12, r=4, c=None),           # Lq < Lk, window, full rows
+    Case(1, 4, 1, 20, 64, 16, window=5, padding="left", r=3, c=6),
+    Case(2, 8, 1, 30, 45, 16, window=9, r=3, c=5),              # G x R = 24: two probe tiles
+    Case(2, 2, 2, 17, 50, 16, r=3, c=4),                        # Lq < Lk, no window
+    Case(2, 2, 1, 33, 33, 16, window=2, r=4, c=None),
+]
+
+
+def _probe_run(q, k, inp, case, dtype, path):
+    """probs and d(sum(probs * dp)) / d(q, k) by ``path``: "reference" (float64,
+    ops/reference.py), "torch" (torch_backend.probe_probs) or "kernels" (the probe-row op, i.e.
+    the Triton probe kernels)."""
+    q, k = (t.to(dtype).requires_grad_() for t in (q, k))
+    kpm, rows, cols = inp["kpm"], inp["rows"], inp["cols"]
+    if path == "reference":
+        _, _, probs = attention_reference(q, k, k.detach(), causal=case.causal,
+                                          key_padding_mask=kpm, window=case.window,
+                                          probe_rows=rows, probe_cols=cols)
+    elif path == "torch":
+        spec = spec_of(q, k, k.detach(), causal=case.causal, key_padding_mask=kpm,
+                       window=case.window, probe_rows=rows, probe_cols=cols)
+        probs = torch_backend.probe_probs(q, k, spec)
+    else:
+        dev = q.device
+        probs, _ = sdpa_backend.probe_rows_op(
+            q, k, None if kpm is None else kpm.to(dev), rows.to(dev),
+            None if cols is None else cols.to(dev), case.causal, case.d ** -0.5,
+            case.window or 0)
+    dq, dk = torch.autograd.grad((probs.double() * inp["dp"].to(probs.device)).sum(), (q, k))
+    return {n: t.detach().cpu().double() for n, t in dict(probs=probs, dq=dq, dk=dk).items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", RANGE_CASES, ids=str)
+def test_probe_kernels_window_and_short_queries_rule(case, dtype, monkeypatch):
+    """Probe kernels with a window and / or Lq < Lk: probs, dq, dk against float64, error at most
+    2x the torch backend's in the same dtype; every output of the kernels poisoned first."""
+    gen = fresh_generator()
+    inp = make_inputs(case, gen)
+    if case.window and inp["cols"] is not None:  # columns in and just before the last row's window
+        cols = torch.randint(max(0, case.lk - case.window - 2), case.lk, inp["cols"].shape,
+                             generator=gen)
+        cols[0, 0] = -1
+        inp["cols"] = cols
+    ref = _probe_run(inp["q"], inp["k"], inp, case, torch.float64, "reference")
+    assert ref["probs"].norm() > 0 and ref["dk"].norm() > 0
+    tor = _probe_run(inp["q"], inp["k"], inp, case, dtype, "torch")
+    poison_empty(monkeypatch)
+    got = _probe_run(inp["q"].to(DEV), inp["k"].to(DEV), inp, case, dtype, "kernels")
+    monkeypatch.undo()
+    check_rule(got, tor, ref, floor=1e-6 if dtype == torch.float32 else 1e-3)
+
+
+def test_dq_rows_kernel_skips_keys_outside_the_window():
+    """Keys before the tile's first window block and after its causal limit's block are never
+    read by the dq-rows kernel: NaN there leaves dq finite and equal to the clean run (a kernel
+    that loaded them would multiply 0 * NaN into dq). Lq < Lk: query i is at i + Lk - Lq."""
+    b, hq, hkv, lq, lk, d, window = 1, 2, 1, 36, 112, 16, 10
+    q = torch.randn(b, hq, lq, d, device=DEV)
+    k = torch.randn(b, hkv, lk, d, device=DEV)
+    rows = torch.tensor([[2, 5]], device=DEV)  # absolute positions 78 and 81
+    bn = probes._tiles(hq * 2, q.device)[1]
+    lo = (78 - window + 1) // bn * bn
+    hi = -(-(81 + 1) // bn) * bn
+    assert lo > 0 and hi < lk
+    p, lse = probes.probe_rows_fwd(q, k, rows, None, causal=True, window=window)
+    e = torch.randn(p.shape, device=DEV) * (p > 0)
+    dq, dk = probes.probe_rows_bwd(q, k, rows, lse, e.sum(-1), e, causal=True, window=window)
+    k_nan = k.clone()
+    k_nan[:, :, :lo] = float("nan")
+    k_nan[:, :, hi:] = float("nan")
+    p2, lse2 = probes.probe_rows_fwd(q, k_nan, rows, None, causal=True, window=window)
+    dq2, _ = probes.probe_rows_bwd(q, k_nan, rows, lse2, e.sum(-1), e, causal=True,
+                                   window=window)
+    assert torch.equal(p, p2) and torch.equal(lse, lse2)
+    assert torch.isfinite(dq2).all() and torch.equal(dq, dq2)
