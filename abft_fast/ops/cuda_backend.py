@@ -223,8 +223,10 @@ def expands_kv(q, k, v, spec: AttentionSpec) -> bool:
     call would fall to the math backend, which materialises each block's [B, Hq, block, band]
     scores and runs unfused. Repeating k / v costs (Hq / Hkv - 1) x their size in memory, once
     per call; the check is PyTorch's own (``torch.backends.cuda.can_use_*_attention``) on a
-    one-row slice with a one-element mask, host-side only."""
+    one-row slice, host-side only. Not under torch.compile (compiled graphs keep GQA)."""
     if spec.q_heads == spec.kv_heads or not spec.masked or q.device.type != "cuda":
+        return False
+    if torch.compiler.is_compiling():  # the check is not traceable: compiled graphs keep GQA
         return False
     key = (q.device, q.dtype, spec.q_heads, spec.kv_heads, spec.head_dim,
            tuple(t.stride(-1) == 1 for t in (q, k, v)))

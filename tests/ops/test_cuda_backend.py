@@ -592,6 +592,21 @@ def test_emulated_gqa_kv_expansion(emu, monkeypatch, case):
         torch.testing.assert_close(got[n], plain[n], rtol=1e-5, atol=1e-6)
 
 
+def test_emulated_masked_route_compiles_fullgraph(emu, monkeypatch):
+    """backend="cuda" on a masked GQA call (key padding + window) under
+    torch.compile(fullgraph=True): the torch backend's block path and the probe op trace as one
+    graph, forward and backward equal to eager."""
+    monkeypatch.setattr(cuda_backend, "_ext", emu)
+    case = Case(2, 4, 2, 24, 24, 16, window=6, padding="left", r=3, c=4)
+    inp = make_inputs(case, _fresh())
+    fn = _spec_fn(cuda_backend.attention)
+    want = run(fn, case, inp, torch.float32)
+    torch._dynamo.reset()
+    got = run(torch.compile(fn, fullgraph=True, backend="aot_eager"), case, inp, torch.float32)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6)
+
+
 def test_expands_kv_only_for_masked_gqa_on_a_gpu(monkeypatch):
     """The rule itself on CPU tensors: never on a CPU, never for MHA or unmasked calls; the
     PyTorch kernel check is not even asked (it is, on CUDA tensors, once per configuration)."""
