@@ -68,6 +68,8 @@ def model_key(model):
 
 def cell_settings(args, variant):
     s = {k: getattr(args, k) for k in EVAL_KEYS}
+    if getattr(args, "harness", "abft") != "abft":  # absent = abft-fast's evaluator only
+        s["harness"] = args.harness
     if variant != "icl":
         s.update({k: getattr(args, k) for k in TRAIN_KEYS})
         s["variant"] = variant
@@ -109,7 +111,7 @@ def run_cell(model_name, dataset, variant, seed, args):
     from abft_fast import hf
     from abft_fast.abft import data
     from abft_fast.abft.cli import load_model
-    from abft_fast.abft.evaluate import evaluate
+    from abft_fast.abft.evaluate import evaluate, evaluate_staicc
     from abft_fast.abft.trainer import TrainConfig, train
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -131,6 +133,9 @@ def run_cell(model_name, dataset, variant, seed, args):
     ev = evaluate(model, tok, task, args.eval_queries, args.eval_batch, args.robustness_queries,
                   progress=prog)
     out["eval"] = ev
+    if getattr(args, "harness", "abft") == "both":
+        out["staicc"] = evaluate_staicc(model, tok, task, args.eval_queries, args.k,
+                                        progress=prog)
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -227,9 +232,15 @@ def aggregate(cells):
     for c in cells:
         d = agg.setdefault(c["model"], {}).setdefault(c["dataset"], {})
         v = d.setdefault(c["variant"], {"seeds": [], "acc": [], "unseen": [], "tc": [], "dc": [],
-                                        "mass_correct": [], "mass_wrong": [],
+                                        "mass_correct": [], "mass_wrong": [], "correct": [],
+                                        "st_acc": [], "st_correct": [],
                                         "majority": None, "n_unseen": None})
         ev = c["eval"]
+        # Per-prompt correctness (cells written before it was kept have none: no interval).
+        v["correct"].append(correctness(ev) if "predictions" in ev else None)
+        st = c.get("staicc")
+        v["st_acc"].append(st["accuracy"] if st else None)
+        v["st_correct"].append(correctness(st) if st else None)
         mass = ev.get("attention_mass") or {}
         # Last-token attention on the demonstrations' correct / wrong labels, summed over layers.
         v["mass_correct"].append(sum(mass["correct"]) if "correct" in mass else None)
@@ -242,6 +253,47 @@ def aggregate(cells):
         v["majority"] = ev.get("majority_class_accuracy")
         v["n_unseen"] = ev.get("unseen_label_prompts")
     return agg
+
+
+def correctness(ev):
+    from abft_fast.abft.evaluate import correctness as c
+    return c(ev)
+
+
+def _prompt_diffs(per_ds, d, variant, key="correct"):
+    """Per prompt of data set ``d``: the variant's correctness averaged over its seeds minus
+    vanilla ICL's, on the same prompts; None when a cell lacks per-prompt results."""
+    i, v = per_ds[d].get("icl"), per_ds[d].get(variant)
+    if not i or not v or not i[key] or i[key][0] is None or any(a is None for a in v[key]):
+        return None
+    before, afters = i[key][0], v[key]
+    if not afters or any(len(a) != len(before) for a in afters):
+        return None
+    return [sum(a[j] for a in afters) / len(afters) - before[j] for j in range(len(before))]
+
+
+def _ci(per_ds, datasets, variant, key="correct"):
+    """Paired bootstrap 95 % interval (points) of ICL -> variant over ``datasets`` (each data set
+    resampled within itself; the statistic is the mean over data sets of the seed-mean change)."""
+    from abft_fast.abft.stats import bootstrap_diff_ci
+    diffs = [_prompt_diffs(per_ds, d, variant, key) for d in datasets]
+    if not diffs or any(x is None for x in diffs):
+        return None
+    lo, hi = bootstrap_diff_ci(diffs, n_boot=2000, seed=0)
+    return lo * 100, hi * 100
+
+
+def _fmt_ci(ci):
+    return "–" if ci is None else f"[{ci[0]:+.1f}, {ci[1]:+.1f}]"
+
+
+def _mcnemar(per_ds, d, variant, key="correct"):
+    """McNemar exact p of ICL -> variant per seed, e.g. ``0.021 / 0.34 / 0.11``."""
+    from abft_fast.abft.stats import mcnemar_exact
+    i, v = per_ds[d].get("icl"), per_ds[d].get(variant)
+    if not i or not v or not i[key] or i[key][0] is None or any(a is None for a in v[key]):
+        return "–"
+    return " / ".join(f"{mcnemar_exact(i[key][0], a)['p']:.2g}" for a in v[key])
 
 
 def _avg_over_datasets(per_ds, variant, metric, datasets):
@@ -304,6 +356,38 @@ def _mass_table(model, per_ds):
             "|---|---|---|---|---|---|", *rows, ""]
 
 
+def _staicc_table(model, per_ds, dss, summary):
+    """ICL -> ABFT as StaICC's own harness scores it, for the cells that ran it (--harness both)."""
+    rows, both = [], []
+    for d in dss:
+        i, f = per_ds[d].get("icl"), per_ds[d].get("full")
+        im = _ms(i["st_acc"])[0] if i and None not in i["st_acc"] else None
+        fm, fs, fn = _ms(f["st_acc"]) if f and None not in f["st_acc"] else (None, None, 0)
+        if im is None and fm is None:
+            continue
+        if im is not None and fm is not None:
+            both.append(d)
+        ours = _ms(f["acc"])[0] if f else None
+        rows.append(f"| {d} | {_fmt(im)} | {_fmt(fm, fs)} | {_delta(im, fm)} | "
+                    f"{_fmt_ci(_ci(per_ds, [d], 'full', 'st_correct'))} | "
+                    f"{_mcnemar(per_ds, d, 'full', 'st_correct')} | {fn} | {_fmt(ours)} |")
+    if not rows:
+        return []
+    ia, _ = _avg_over_datasets(per_ds, "icl", "st_acc", both)
+    fa, fsd = _avg_over_datasets(per_ds, "full", "st_acc", both)
+    ci = _ci(per_ds, both, "full", "st_correct")
+    summary.update({"staicc_datasets": both, "staicc_icl_avg": ia, "staicc_abft_avg": fa,
+                    "staicc_abft_avg_std": fsd, "staicc_delta_avg_ci95": ci})
+    return [f"### StaICC's own harness: {model}", "",
+            "The same models scored by StaICC's `single_experimentor` and its reference inference "
+            "(its prompts with the trailing space, the last token of each bare label word; "
+            "docs/abft.md). Last column: abft-fast's evaluator, for comparison.", "",
+            "| data set | ICL acc | ABFT acc | Δ | Δ 95% CI | McNemar p | n | ABFT acc (ours) |",
+            "|---|---|---|---|---|---|---|---|", *rows,
+            f"| **average ({len(both)} sets)** | {_fmt(ia)} | {_fmt(fa, fsd)} | {_delta(ia, fa)} | "
+            f"{_fmt_ci(ci)} | – | | |", ""]
+
+
 def make_table(out, ablation_model=None):
     cells = load_cells(out)
     agg = aggregate(cells)
@@ -314,7 +398,12 @@ def make_table(out, ablation_model=None):
              "inputs, no training), so it has one value per data set. TC / DC: prediction "
              "consistency across StaICC's 9 templates / 8 demonstration samplings; unseen: "
              "accuracy on the standard prompts whose query label is absent from the "
-             "demonstrations; maj.: majority-class accuracy of the evaluated prompts.", ""]
+             "demonstrations; maj.: majority-class accuracy of the evaluated prompts. Δ 95% CI: "
+             "paired bootstrap interval (2,000 resamples of the prompts, seed 0; the average "
+             "resamples each data set within itself) of the change from ICL to the seed-mean "
+             "ABFT accuracy on the same prompts; McNemar p: exact McNemar test of ICL vs ABFT on "
+             "the same prompts, one per seed; – where the cells keep no per-prompt predictions.",
+             ""]
     summary = {"models": {}, "ablations": {}}
     settings = {}
     for c in cells:
@@ -323,9 +412,9 @@ def make_table(out, ablation_model=None):
         per_ds = agg[model]
         dss = [d for d in DATASETS if d in per_ds] + sorted(d for d in per_ds if d not in DATASETS)
         lines += [f"## Table 1 style: {model}", "",
-                  "| data set | maj. | ICL acc | ABFT acc | Δ | n | unseen prompts | ICL unseen "
-                  "| ABFT unseen | ICL TC | ABFT TC | ICL DC | ABFT DC |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| data set | maj. | ICL acc | ABFT acc | Δ | Δ 95% CI | McNemar p | n | unseen "
+                  "prompts | ICL unseen | ABFT unseen | ICL TC | ABFT TC | ICL DC | ABFT DC |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for d in dss:
             e = per_ds[d]
             i, f = e.get("icl"), e.get("full")
@@ -333,8 +422,8 @@ def make_table(out, ablation_model=None):
             im = _ms(i["acc"])[0] if i else None
             fm, fs, fn = _ms(f["acc"]) if f else (None, None, 0)
             nu = e[next(iter(e))]["n_unseen"]
-            row += [_fmt(im), _fmt(fm, fs), _delta(im, fm), str(fn),
-                    "–" if nu is None else str(nu)]
+            row += [_fmt(im), _fmt(fm, fs), _delta(im, fm), _fmt_ci(_ci(per_ds, [d], "full")),
+                    _mcnemar(per_ds, d, "full"), str(fn), "–" if nu is None else str(nu)]
             for key in ("unseen", "tc", "dc"):
                 row += [_fmt(*_ms(i[key])[:2]) if i else "–", _fmt(*_ms(f[key])[:2]) if f else "–"]
             lines.append("| " + " | ".join(row) + " |")
@@ -342,7 +431,8 @@ def make_table(out, ablation_model=None):
         row = [f"**average ({len(both)} sets)**", "–"]
         ia, _ = _avg_over_datasets(per_ds, "icl", "acc", both)
         fa, fsd = _avg_over_datasets(per_ds, "full", "acc", both)
-        row += [_fmt(ia), _fmt(fa, fsd), _delta(ia, fa), "", ""]
+        avg_ci = _ci(per_ds, both, "full")
+        row += [_fmt(ia), _fmt(fa, fsd), _delta(ia, fa), _fmt_ci(avg_ci), "–", "", ""]
         extra = {}
         for key in ("unseen", "tc", "dc"):
             a, _ = _avg_over_datasets(per_ds, "icl", key, both)
@@ -351,7 +441,9 @@ def make_table(out, ablation_model=None):
             extra[key] = (a, b)
         lines += ["| " + " | ".join(row) + " |", ""]
         summary["models"][model] = {"datasets": both, "icl_avg": ia, "abft_avg": fa,
-                                    "abft_avg_std": fsd, **{f"{k}_avg": v for k, v in extra.items()}}
+                                    "abft_avg_std": fsd, "delta_avg_ci95": avg_ci,
+                                    **{f"{k}_avg": v for k, v in extra.items()}}
+        lines += _staicc_table(model, per_ds, dss, summary["models"][model])
     for model in sorted(agg):
         lines += _mass_table(model, agg[model])
     # Comparison with the paper's averages.
@@ -376,19 +468,22 @@ def make_table(out, ablation_model=None):
                and all(v in per_ds[d] for v in variants)]
         if len(variants) > 1 and dss:
             lines += [f"## Table 4 style: ablations on {am} ({', '.join(dss)})", "",
-                      "| variant | " + " | ".join(dss) + " | average | paper (Falcon3-7B, 8 sets) |",
-                      "|---|" + "---|" * (len(dss) + 2)]
+                      "| variant | " + " | ".join(dss) + " | average | Δ vs ICL, 95% CI | "
+                      "paper (Falcon3-7B, 8 sets) |",
+                      "|---|" + "---|" * (len(dss) + 3)]
             ia, _ = _avg_over_datasets(per_ds, "icl", "acc", dss)
             lines.append("| vanilla ICL | " + " | ".join(_fmt(_ms(per_ds[d]["icl"]["acc"])[0])
                                                         for d in dss)
-                         + f" | {_fmt(ia)} | {PAPER_T1['Falcon3-7B'][0]:.1f} |")
+                         + f" | {_fmt(ia)} | | {PAPER_T1['Falcon3-7B'][0]:.1f} |")
             summary["ablations"] = {"model": am, "datasets": dss, "icl": ia}
             for v in variants:
                 a, sd = _avg_over_datasets(per_ds, v, "acc", dss)
+                ci = _ci(per_ds, dss, v)
                 lines.append(f"| {VARIANT_NAMES[v]} | " + " | ".join(
                     _fmt(*_ms(per_ds[d][v]["acc"])[:2]) for d in dss)
-                    + f" | {_fmt(a, sd)} | {PAPER_T4[v]:.1f} |")
-                summary["ablations"][v] = {"avg": a, "std": sd}
+                    + f" | {_fmt(a, sd)} | {_delta(ia, a)}{'' if ci is None else ' ' + _fmt_ci(ci)} | "
+                    f"{PAPER_T4[v]:.1f} |")
+                summary["ablations"][v] = {"avg": a, "std": sd, "delta_ci95": ci}
             lines.append("")
     if settings:
         lines += ["## Settings of these cells", ""]
@@ -437,6 +532,8 @@ def parser():
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--harness", default="abft", choices=["abft", "both"],
+                   help="both: score every cell by StaICC's own harness too (a table of its own)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--no-progress", action="store_true", help="no per-cell tqdm bars")

@@ -78,9 +78,9 @@ def test_resume_and_table(tmp_path):
     assert ab["no_pid"]["std"] == pytest.approx(math.sqrt(2 * 3.5 ** 2))  # seeds: 57.5, 64.5
     assert ab["full"]["avg"] == pytest.approx(69.5)
     # Per-data-set row: sst2 ABFT 75.0 ± 7.1, Δ +20.0 shown as 20.0; paper rows present.
-    assert "| sst2 | 50.0 | 50.0 | 75.0 ± 7.1 | +25.0 | 2 | 3 |" in text
+    assert "| sst2 | 50.0 | 50.0 | 75.0 ± 7.1 | +25.0 | – | – | 2 | 3 |" in text
     assert "| Falcon3-7B | 8 of 8 | 67.6 | 79.6 | +12.0 | paper |" in text
-    assert "| no PID | 60.0 ± 7.1 | 62.0 ± 2.8 | 61.0 ± 4.9 | 76.9 |" in text
+    assert "| no PID | 60.0 ± 7.1 | 62.0 ± 2.8 | 61.0 ± 4.9 | +6.0 | 76.9 |" in text
     # Label attention: correct = acc summed over the 2 layers, wrong = 0.5; mean over seeds.
     assert "| sst2 | vanilla ICL | 50.0 | 0.500 | 0.500 | 0.500 |" in text
     assert "| sst2 | full ABFT | 75.0 ± 7.1 | 0.750 | 0.500 | 0.600 |" in text
@@ -136,3 +136,46 @@ def test_real_cell_on_tiny_model(tmp_path, monkeypatch):
     R.main(args, runner=lambda *a: calls.append(a), log=lambda s: None)
     assert calls == []
     assert "tiny-llama" in (out / "table.md").read_text()
+
+
+def test_table_paired_intervals_from_per_prompt_cells(tmp_path):
+    """Cells that keep per-prompt predictions get the paired bootstrap interval of the change
+    (seed-mean ABFT minus ICL, per prompt) and McNemar's p per seed, for both harnesses."""
+    from abft_fast.abft import stats
+    gold = [0, 1] * 10  # 20 prompts
+
+    def preds(right):
+        return [g if r else 1 - g for g, r in zip(gold, right)]
+    icl = preds([1] * 10 + [0] * 10)                 # 10 right
+    s0 = preds([1] * 15 + [0] * 5)                   # 15 right: 5 gained, 0 lost
+    s1 = preds([1] * 5 + [0] * 5 + [1] * 10)         # 15 right: 10 gained, 5 lost
+
+    def ev(pred):
+        return {"accuracy": sum(p == g for p, g in zip(pred, gold)) / 20, "predictions": pred,
+                "gold": gold, "majority_class_accuracy": 0.5, "unseen_label_prompts": 0}
+
+    def runner(model, ds, variant, seed, args):
+        pred = icl if variant == "icl" else (s0 if seed == 0 else s1)
+        return {"model": model, "dataset": ds, "variant": variant, "seed": seed,
+                "eval": ev(pred), "staicc": {"harness": "staicc", **ev(pred)}}
+    out = str(tmp_path / "res")
+    R.main(["--models", "m", "--datasets", "sst2", "--seeds", "0", "1", "--ablations",
+            "--eval-queries", "10", "--harness", "both", "--no-progress", "--out", out],
+           runner=runner, log=lambda s: None)
+    text, summary = R.make_table(out)
+    c = lambda p: [int(a == b) for a, b in zip(p, gold)]  # noqa: E731
+    diffs = [(x + y) / 2 - z for x, y, z in zip(c(s0), c(s1), c(icl))]
+    lo, hi = stats.bootstrap_diff_ci(diffs, n_boot=2000, seed=0)
+    ci = f"[{lo * 100:+.1f}, {hi * 100:+.1f}]"
+    p0 = stats.mcnemar_exact(c(icl), c(s0))["p"]   # b = 5, c = 0: 2 / 32
+    p1 = stats.mcnemar_exact(c(icl), c(s1))["p"]   # b = 10, c = 5
+    assert p0 == 2 / 32
+    assert p1 == pytest.approx(2 * sum(math.comb(15, i) for i in range(6)) / 2 ** 15)
+    assert f"| sst2 | 50.0 | 50.0 | 75.0 ± 0.0 | +25.0 | {ci} | {p0:.2g} / {p1:.2g} | 2 |" in text
+    m = summary["models"]["m"]
+    assert m["delta_avg_ci95"] == pytest.approx([lo * 100, hi * 100])
+    assert m["staicc_delta_avg_ci95"] == pytest.approx([lo * 100, hi * 100])
+    assert "### StaICC's own harness: m" in text
+    assert f"| sst2 | 50.0 | 75.0 ± 0.0 | +25.0 | {ci} | {p0:.2g} / {p1:.2g} | 2 | 75.0 |" in text
+    assert json.loads((tmp_path / "res/cells/m/sst2/icl.json").read_text())["settings"][
+        "harness"] == "both"
