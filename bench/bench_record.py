@@ -3,6 +3,12 @@
 Two tables live in ``bench/results/`` (or ``$ABFT_BENCH_RESULTS``): ``attention.csv`` (one row per
 op case) and ``e2e.csv`` (one row per ABFT training-step case). A run only appends; rows of one
 pytest session share a ``run_id`` (set ``ABFT_BENCH_RUN_ID`` to give several sessions one id).
+
+Times: ``ms`` / ``ms_min`` wall clock per call (median / min, host work and a synchronisation
+included); ``event_ms`` GPU time by CUDA events; ``graph_ms`` CUDA-graph replay, empty with
+``graph_reason`` when the work could not be captured (benchlib, "GPU kernel time"). The two GPU
+columns are empty on the CPU and in rows recorded before they existed (older CSV files, whose
+header differs, are read alongside: ``read_rows`` gives their rows these keys as "").
 """
 from __future__ import annotations
 
@@ -18,10 +24,11 @@ META_COLUMNS = ["run_id", "date", "device", "torch", "cuda", "triton", "transfor
 COLUMNS = {
     "attention": META_COLUMNS + [
         "method", "mode", "probes", "dtype", "B", "Hq", "Hkv", "L", "D", "R", "C", "causal",
-        "mask", "window", "ms", "ms_min", "rounds", "tflops", "peak_mem_mb", "status", "note"],
+        "mask", "window", "ms", "ms_min", "event_ms", "graph_ms", "rounds", "tflops",
+        "peak_mem_mb", "status", "graph_reason", "note"],
     "e2e": META_COLUMNS + [
-        "model", "method", "dtype", "B", "L", "layers", "params_m", "ms", "ms_min", "rounds",
-        "tokens_per_s", "peak_mem_mb", "status", "note"],
+        "model", "method", "dtype", "B", "L", "layers", "params_m", "ms", "ms_min", "event_ms",
+        "graph_ms", "rounds", "tokens_per_s", "peak_mem_mb", "status", "graph_reason", "note"],
 }
 HERE = Path(__file__).resolve().parent
 
@@ -114,7 +121,7 @@ def read_rows(table: str, directory: Path | None = None) -> list:
     rows = []
     for path in sorted(directory.glob(f"{table}*.csv")):
         with open(path, newline="") as f:
-            rows.extend(csv.DictReader(f))
+            rows.extend({**dict.fromkeys(COLUMNS[table], ""), **r} for r in csv.DictReader(f))
     return rows
 
 

@@ -244,3 +244,104 @@ def timed_pedantic(benchmark, target, setup, dev, rounds, warmup_rounds, above_c
         sync(dev)
         out["peak_mem_mb"] = (torch.cuda.max_memory_allocated(dev) - base) / 2 ** 20
     return res, out
+
+
+# ------------------------------------------------------------------ GPU kernel time (CUDA only)
+#
+# Wall time (timed_pedantic) includes host work and a synchronisation per call. Two more figures
+# per case, both None without CUDA (the columns stay empty on the CPU):
+#   event_ms  GPU time of the work: CUDA events recorded around ``iters`` back-to-back calls
+#             after warm-up, no host synchronisation in between (mean per call). Where each call
+#             needs an untimed preparation (the forward before a timed backward), one event pair
+#             per call, around the timed part only.
+#   graph_ms  the work captured once in a torch.cuda.CUDAGraph and replayed ``iters`` times (mean
+#             per replay): the GPU time without any launch overhead. Where capture fails (a host
+#             synchronisation, a host read of a tensor value, an op that cannot be captured), None
+#             and the reason; never an exception.
+# ``work(*prepare())`` must not synchronise: it is what a training step launches.
+
+def _args(prepare):
+    return prepare() if prepare is not None else ()
+
+
+def event_ms(work, dev, iters: int, prepare=None, warmup: int = 2) -> float | None:
+    """Mean GPU ms of work() by CUDA events (see above); None without CUDA."""
+    if dev.type != "cuda":
+        return None
+    for _ in range(warmup):
+        work(*_args(prepare))
+    sync(dev)
+    iters = max(1, int(iters))
+    if prepare is None:
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        start.record()
+        for _ in range(iters):
+            work()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / iters
+    pairs = []
+    for _ in range(iters):
+        args = prepare()
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        start.record()
+        work(*args)
+        end.record()
+        pairs.append((start, end))
+        del args
+    sync(dev)
+    return sum(s.elapsed_time(e) for s, e in pairs) / iters
+
+
+def capture_failure(e: BaseException) -> str:
+    """The graph_reason of a failed capture: one line, at most 200 characters."""
+    if is_oom(e):
+        return "capture failed: out of memory"
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"capture failed: {type(e).__name__}: {first}"[:200]
+
+
+def graph_ms(work, dev, iters: int, prepare=None, warmup: int = 3,
+             cleanup=None) -> tuple[float | None, str]:
+    """(mean ms per CUDA-graph replay of work(*prepare()), reason when capture failed).
+
+    prepare() runs eagerly before the capture (on the capture stream, so that a backward captured
+    from it runs there too); work is captured once, replayed once untimed, then ``iters`` times
+    between two events. (None, "") without CUDA. cleanup() runs at the end whatever happened
+    (e.g. drop the gradients the graph's memory pool holds)."""
+    if dev.type != "cuda":
+        return None, ""
+    graph = args = None
+    stream = torch.cuda.Stream(dev)
+    try:
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                work(*_args(prepare))
+            args = _args(prepare)
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        sync(dev)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            work(*args)
+        graph.replay()
+        sync(dev)
+        iters = max(1, int(iters))
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        start.record()
+        for _ in range(iters):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / iters, ""
+    except Exception as e:  # noqa: BLE001 - any capture failure becomes a reason, never a crash
+        return None, capture_failure(e)
+    finally:
+        graph = args = None
+        if cleanup is not None:
+            cleanup()
+        try:
+            sync(dev)
+        except Exception:  # noqa: BLE001 - an invalidated capture may surface here once
+            pass
+        free_memory()

@@ -4,8 +4,10 @@
                           [--out FILE]
 
 Sections (for the chosen run, default the newest): fused attention with probes against the best
-SDPA backend without probes (ratio, probe overhead), the probe-size sweep, and the ABFT training
-step (tokens/s, speed-up over eager, peak memory, longest L that fits). --full adds every row.
+SDPA backend without probes (ratio, probe overhead), the probe-size sweep, the ABFT training
+step (tokens/s, speed-up over eager, peak memory, longest L that fits), and, where a GPU recorded
+them, wall time beside GPU time by CUDA events and by CUDA-graph replay (with the reason where
+capture failed). --full adds every row.
 """
 from __future__ import annotations
 
@@ -15,7 +17,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_record as R  # noqa: E402
-from plot import best_sdpa, headline_probe_config, main_grid, point_key  # noqa: E402
+from plot import (  # noqa: E402
+    best_sdpa,
+    headline_probe_config,
+    main_grid,
+    mask_of,
+    point_key,
+)
 
 ABFT = ("abft_auto", "abft_sdpa", "abft_triton", "abft_cuda", "abft_torch")
 MODE_TITLE = {"fwd": "forward", "bwd": "backward", "both": "forward + backward"}
@@ -152,20 +160,87 @@ def e2e_section(rows) -> list:
     return out
 
 
+def _gpu_ms(r, col):
+    return R.num(r.get(col, ""))
+
+
+def _best_sdpa_by(rows, col) -> dict:
+    """point_key -> (ms, method) of the fastest SDPA backend without probes by ``col``."""
+    best = {}
+    for r in rows:
+        ms = _gpu_ms(r, col)
+        if r["method"].startswith("sdpa_") and r["probes"] != "1" and r["status"] == "ok" and ms:
+            k = point_key(r)
+            if k not in best or ms < best[k][0]:
+                best[k] = (ms, r["method"])
+    return best
+
+
+def _ratio(v, best):
+    return f"{v / best[0]:.2f}x" if v and best else "–"
+
+
+def kernel_time_section(att, e2e, full=False) -> list:
+    """Wall time beside GPU time (CUDA events) and CUDA-graph replay, with the ratio to the best
+    SDPA backend without probes by the same measure; rows without either GPU figure (CPU runs,
+    rows recorded before the columns existed) are left out. Default: the main grid in mode
+    "both"; full: every row."""
+    has = [r for r in att if _gpu_ms(r, "event_ms") or _gpu_ms(r, "graph_ms")
+           or r.get("graph_reason")]
+    out = []
+    if has:
+        rows = has if full else [r for r in main_grid(has)[0] if r["mode"] == "both"]
+        by_ev, by_gr = _best_sdpa_by(rows, "event_ms"), _best_sdpa_by(rows, "graph_ms")
+        body = []
+        for r in sorted(rows, key=lambda r: (mask_of(r) != "none", mask_of(r), r["mode"],
+                                             r["dtype"], int(r["D"]), int(r["L"]), r["method"],
+                                             r["probes"])):
+            k = point_key(r)
+            ev, gr, wall = _gpu_ms(r, "event_ms"), _gpu_ms(r, "graph_ms"), R.num(r["ms"])
+            body.append([r["mode"], mask_of(r), r["dtype"], r["D"], f"{r['Hq']}/{r['Hkv']}",
+                         r["L"], r["B"], f"{r['R']} x {r['C']}" if r["probes"] == "1" else "–",
+                         r["method"], _ms(wall) if wall else r["status"] or "–",
+                         _ms(ev) if ev else "–", _ms(gr) if gr else "–",
+                         _ratio(ev, by_ev.get(k)), _ratio(gr, by_gr.get(k)),
+                         r.get("graph_reason") or ""])
+        out += ["", "**Kernel time** (wall = median per call with host work and a sync; events = "
+                    "GPU time by CUDA events around back-to-back calls; graph = CUDA-graph "
+                    "replay, empty with the reason when capture failed; ratios to the best SDPA "
+                    "backend without probes by the same measure, same mask)", ""]
+        out += _md(["mode", "mask", "dtype", "d", "Hq/Hkv", "L", "B", "probes R x C", "method",
+                    "wall", "events", "graph", "events / best SDPA", "graph / best SDPA",
+                    "graph not captured because"], body)
+    e2e_has = [r for r in e2e if _gpu_ms(r, "event_ms") or _gpu_ms(r, "graph_ms")
+               or r.get("graph_reason")]
+    if e2e_has:
+        body = [[r["model"], r["L"], r["method"], _ms(R.num(r["ms"])) if R.num(r["ms"]) else "–",
+                 _ms(_gpu_ms(r, "event_ms")) if _gpu_ms(r, "event_ms") else "–",
+                 _ms(_gpu_ms(r, "graph_ms")) if _gpu_ms(r, "graph_ms") else "–",
+                 r.get("graph_reason") or ""]
+                for r in sorted(e2e_has, key=lambda r: (r["model"], int(r["L"]), r["method"]))]
+        out += ["", "**ABFT step, kernel time** (wall and events: the whole step, Adam included; "
+                    "graph: forward + loss + backward replayed, Adam outside the graph)", ""]
+        out += _md(["model", "L", "method", "wall", "events", "graph (fwd + bwd)",
+                    "graph not captured because"], body)
+    return out
+
+
 def full_section(att, e2e) -> list:
     out = []
     if att:
         out += ["", "**All attention rows**", ""] + _md(
-            ["mode", "method", "probes", "dtype", "B", "Hq", "Hkv", "L", "D", "R", "C", "ms",
-             "TFLOP/s", "peak MiB", "status"],
+            ["mode", "method", "probes", "dtype", "B", "Hq", "Hkv", "L", "D", "R", "C", "mask",
+             "ms", "event ms", "graph ms", "TFLOP/s", "peak MiB", "status"],
             [[r["mode"], r["method"], r["probes"], r["dtype"], r["B"], r["Hq"], r["Hkv"], r["L"],
-              r["D"], r["R"], r["C"], r["ms"], r["tflops"], r["peak_mem_mb"], r["status"]]
-             for r in att])
+              r["D"], r["R"], r["C"], mask_of(r), r["ms"], r.get("event_ms", ""),
+              r.get("graph_ms", ""), r["tflops"], r["peak_mem_mb"], r["status"]] for r in att])
     if e2e:
         out += ["", "**All ABFT step rows**", ""] + _md(
-            ["model", "method", "L", "ms", "tokens/s", "peak MiB", "status"],
-            [[r["model"], r["method"], r["L"], r["ms"], r["tokens_per_s"], r["peak_mem_mb"],
-              r["status"]] for r in e2e])
+            ["model", "method", "L", "ms", "event ms", "graph ms", "tokens/s", "peak MiB",
+             "status"],
+            [[r["model"], r["method"], r["L"], r["ms"], r.get("event_ms", ""),
+              r.get("graph_ms", ""), r["tokens_per_s"], r["peak_mem_mb"], r["status"]]
+             for r in e2e])
     return out
 
 
@@ -192,6 +267,7 @@ def render(results, run="latest", device=None, full=False) -> str:
                 lines += attention_section(att, md)
     if e2e:
         lines += [""] + header_lines(e2e, "ABFT step") + e2e_section(e2e)
+    lines += kernel_time_section(att, e2e, full)
     if full:
         lines += full_section(att, e2e)
     return "\n".join(lines) + "\n"

@@ -18,9 +18,12 @@ masks): none; pad-left / pad-right (each sequence's real length drawn from 50-10
 get the [B, L] key padding mask, the SDPA backends and eager a dense [B, 1, L, L] bool mask,
 FlexAttention a block mask); window (sliding window, flags for abft_*, a dense mask for SDPA).
 Query rows that see no key (left padding) get a zero output gradient, so that every method's
-gradients mean the same. Recorded per case: median ms, TFLOP/s (FLOPs of
-benchlib.attention_flops) and, on CUDA, peak_mem_mb = peak allocated during the timed rounds above
-what was allocated before them (the inputs), so for bwd it includes the setup's forward.
+gradients mean the same. Recorded per case: median wall ms (host work and one synchronisation per
+call included), TFLOP/s (FLOPs of benchlib.attention_flops, from the wall ms) and, on CUDA,
+peak_mem_mb = peak allocated during the timed rounds above what was allocated before them (the
+inputs), so for bwd it includes the setup's forward; event_ms (GPU time by CUDA events around
+back-to-back calls) and graph_ms (CUDA-graph replay of the mode's work, or empty with
+graph_reason when capture fails), both empty without CUDA (benchlib, "GPU kernel time").
 """
 from __future__ import annotations
 
@@ -222,12 +225,12 @@ class OpCase:
         self.last = (out, probs)
         return out, probs
 
-    def _backward(self, out, probs):
+    def _backward(self, out, probs, retain_graph=False):
         ts, gs = [out], [self.dout]
         if probs is not None:
             ts.append(probs)
             gs.append(self.dprobs.to(probs.dtype))
-        torch.autograd.backward(ts, gs)
+        torch.autograd.backward(ts, gs, retain_graph=retain_graph)
 
     def _clear(self):
         for t in (self.q, self.k, self.v):
@@ -264,6 +267,32 @@ class OpCase:
             benchlib.sync(dev)
             return self.grads()
         return setup, target
+
+    def kernel_callables(self, graph=False):
+        """(prepare or None, work) without host synchronisation, for benchlib.event_ms /
+        graph_ms: work(*prepare()) is the timed part of the mode (fwd: forward; bwd: backward of a
+        forward made by prepare; both: forward + backward). graph=True keeps the autograd graph
+        of a bwd capture (retain_graph), so that replays read live saved tensors."""
+        if self.mode == "fwd":
+            return None, self.forward
+        if self.mode == "bwd":
+            def prepare():
+                self._clear()
+                return self.forward()
+
+            def work(out, probs):
+                self._backward(out, probs, retain_graph=graph)
+            return prepare, work
+
+        def both():
+            self._clear()
+            self._backward(*self.forward())
+        return None, both
+
+    def release(self):
+        """Drop gradients and outputs (e.g. those living in a CUDA graph's memory pool)."""
+        self._clear()
+        self.last = None
 
     def once(self):
         setup, target = self.callables()
@@ -323,6 +352,32 @@ class OpCase:
                 torch.testing.assert_close(g.double(), r, atol=tol, rtol=tol)
 
 
+def kernel_times(case: OpCase, dev, iters: int) -> dict:
+    """Row fields event_ms, graph_ms, graph_reason (and a note on an out-of-memory event timing)
+    of one case on CUDA (benchlib.event_ms / graph_ms); {} without CUDA."""
+    if dev.type != "cuda":
+        return {}
+    got = {}
+    prepare, work = case.kernel_callables()
+    try:
+        got["event_ms"] = benchlib.event_ms(work, dev, iters, prepare)
+    except RuntimeError as e:
+        if not benchlib.is_oom(e):
+            raise
+        got["note"] = "event timing: out of memory"
+    finally:
+        case.release()
+        benchlib.free_memory()
+    prepare, work = case.kernel_callables(graph=True)
+    got["graph_ms"], got["graph_reason"] = benchlib.graph_ms(work, dev, iters, prepare,
+                                                             cleanup=case.release)
+    return got
+
+
+def _join_notes(*notes) -> str:
+    return "; ".join(n for n in notes if n)
+
+
 def test_attention(op_case, benchmark, recorder):
     method, mode, probes, s = op_case
     dev = benchlib.device()
@@ -361,6 +416,10 @@ def test_attention(op_case, benchmark, recorder):
         _, stats = benchlib.timed_pedantic(benchmark, target, setup, dev, rounds,
                                      warmup_rounds=1 if recorder.timing else 0, above_current=True)
         case.check(smoke)
+        if stats:  # GPU time by CUDA events and by CUDA-graph replay (CUDA only)
+            gpu = kernel_times(case, dev, rounds)
+            row["note"] = _join_notes(row["note"], gpu.pop("note", ""))
+            row.update(gpu)
     except RuntimeError as e:
         if benchlib.is_oom(e):
             oom = True

@@ -9,7 +9,11 @@ positions, all heads counted), backward, Adam step on W_Q / W_K only. Methods:
       L x L probabilities of every layer, probes gathered from them.
   sdpa_recompute  HF's SDPA attention for the output, plus the probe rows recomputed on the side
       from the layer's q / k (abft_fast.ops.torch_backend.probe_probs).
-Reports tokens/s and peak memory (max_memory_allocated over the timed steps, weights included).
+Reports tokens/s (from the median wall time of a step) and peak memory (max_memory_allocated over
+the timed steps, weights included); on CUDA also event_ms (GPU time of whole steps, Adam
+included, by CUDA events) and graph_ms (forward + loss + backward captured in a CUDA graph and
+replayed; the Adam step stays outside the graph: torch's default Adam cannot be captured), or
+empty with graph_reason when capture fails.
 An out-of-memory L is recorded as status "oom" and the method's longer L are skipped, so the
 longest L that fits is the last "ok" row.
 """
@@ -192,12 +196,20 @@ def test_abft_step(e2e_case, benchmark, recorder):
         before = [qk[0].detach().clone(), other.detach().clone()]
         out = {}
 
-        def step():
+        def fwd_bwd():
             opt.zero_grad(set_to_none=True)
             probs = fwd(ids, rows, cols)
             loss = abft_loss(probs, correct, valid, lengths, A=0.5, B=1.0,
                              use_filter=False).loss
             loss.backward()
+            return probs, loss
+
+        def work():  # one step without host synchronisation (CUDA events)
+            fwd_bwd()
+            opt.step()
+
+        def step():
+            probs, loss = fwd_bwd()
             opt.step()
             benchlib.sync(dev)
             out.update(probs_shape=tuple(probs.shape), loss=loss.detach())
@@ -213,6 +225,10 @@ def test_abft_step(e2e_case, benchmark, recorder):
         else:
             rounds = 1
         _, stats = benchlib.timed_pedantic(benchmark, step, None, dev, rounds, warmup_rounds=0)
+        if stats and dev.type == "cuda":  # GPU time: events around steps, graph of fwd + bwd
+            row["event_ms"] = benchlib.event_ms(work, dev, rounds, warmup=1)
+            row["graph_ms"], row["graph_reason"] = benchlib.graph_ms(
+                fwd_bwd, dev, rounds, warmup=1, cleanup=lambda: opt.zero_grad(set_to_none=True))
         hq = model.config.num_attention_heads
         assert out["probs_shape"] == (nl, s.B, hq, 1, s.k), out["probs_shape"]
         assert torch.isfinite(out["loss"]), "non-finite ABFT loss"

@@ -227,3 +227,115 @@ def test_tune_tiles_smoke(tmp_path, monkeypatch):
     assert by[("fwd", 32, 16, "0")]["status"] == "ok" and float(by[("fwd", 32, 16, "0")]["ms"]) > 0
     assert by[("dq", 32, 16, "0")]["status"] == "rejected: RuntimeError"
     assert by[("dkdv", 32, 16, "0")]["status"] == "ok"
+
+
+# ------------------------------------------------------------ GPU kernel time columns (made up)
+
+def _with_gpu_times(att, e2e):
+    """The made-up rows with GPU columns: events = 0.8 x wall, graph = 0.7 x wall, except
+    abft_triton with probes, whose capture 'failed' (no graph figure, a reason instead)."""
+    reason = "capture failed: RuntimeError: operation not permitted when stream is capturing"
+    for r in att + e2e:
+        if r["status"] != "ok":
+            continue
+        r.update(event_ms=0.8 * r["ms"], graph_ms=0.7 * r["ms"], graph_reason="")
+        if r.get("method") == "abft_triton" and r.get("probes") == 1:
+            r.update(graph_ms="", graph_reason=reason)
+    return att, e2e, reason
+
+
+def test_gpu_time_columns_round_trip(tmp_path):
+    att, e2e, reason = _with_gpu_times(*made_up_rows())
+    for table in ("attention", "e2e"):
+        cols = R.COLUMNS[table]
+        assert {"ms", "event_ms", "graph_ms", "graph_reason"} <= set(cols)
+    assert "mask" in R.COLUMNS["attention"]
+    R.append_rows("attention", att, tmp_path)
+    R.append_rows("e2e", e2e, tmp_path)
+    rows = R.read_rows("attention", tmp_path)
+    tri = next(r for r in rows if r["method"] == "abft_triton" and r["probes"] == "1")
+    assert tri["graph_ms"] == "" and tri["graph_reason"] == reason and R.num(tri["event_ms"])
+    oom = next(r for r in rows if r["status"] == "oom")
+    assert oom["event_ms"] == oom["graph_ms"] == oom["graph_reason"] == ""
+
+
+def test_rows_of_an_older_header_read_with_empty_gpu_columns(tmp_path):
+    """A CSV written before the GPU columns existed (and before the mask column) is read beside
+    the new one: its rows get the new keys as "" and stay out of the kernel-time section."""
+    att, _ = made_up_rows()
+    old_cols = [c for c in R.COLUMNS["attention"]
+                if c not in ("event_ms", "graph_ms", "graph_reason", "mask", "window")]
+    with open(tmp_path / "attention.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old_cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(att)
+    new_path = R.append_rows("attention", [dict(att[0], run_id="run-c")], tmp_path)
+    assert new_path.name == "attention-v2.csv"
+    rows = R.read_rows("attention", tmp_path)
+    assert len(rows) == len(att) + 1
+    assert all(r["event_ms"] == "" and r["graph_reason"] == "" for r in rows)
+    table = _load("table")
+    text = table.render(tmp_path, run="run-b")
+    assert "Kernel time" not in text and "3.6 ms (cudnn)" in text
+
+
+def test_kernel_time_table(tmp_path):
+    att, e2e, reason = _with_gpu_times(*made_up_rows())
+    cpu = [dict(r, run_id="run-cpu", date="2031-01-01T00:00:00+00:00", device="cpu",
+                event_ms="", graph_ms="", graph_reason="") for r in made_up_rows()[0]]
+    R.append_rows("attention", att + cpu, tmp_path)
+    R.append_rows("e2e", e2e, tmp_path)
+    table = _load("table")
+    assert "Kernel time" not in table.render(tmp_path)  # newest run: CPU rows, columns empty
+    text = table.render(tmp_path, run="run-b")
+    lines = text.splitlines()
+    assert any("**Kernel time**" in ln for ln in lines)
+    # L = 1024 (u = 4): best SDPA by events = cudnn 0.8 x 3.6 = 2.88 ms; abft_triton +probes
+    # events 0.8 x 4.4 = 3.52 ms = 1.22x; its graph failed: no figure, the reason instead
+    tri = next(ln for ln in lines if ln.startswith("| both | none | bf16 | 128 | 16/4 | 1024 |")
+               and "| abft_triton |" in ln and "| 1 x 64 |" in ln)
+    cells = [c.strip() for c in tri.strip("|").split("|")]
+    assert cells[9:] == ["4.4 ms", "3.52 ms", "–", "1.22x", "–", reason]
+    cud = next(ln for ln in lines if ln.startswith("| both | none | bf16 | 128 | 16/4 | 1024 |")
+               and "| sdpa_cudnn |" in ln)
+    cells = [c.strip() for c in cud.strip("|").split("|")]
+    assert cells[9:] == ["3.6 ms", "2.88 ms", "2.52 ms", "1.00x", "1.00x", ""]
+    assert not any("| OOM" in ln and "Kernel" in ln for ln in lines)
+    step = next(ln for ln in lines if ln.startswith("| llama-1b | 512 | abft_triton |"))
+    assert [c.strip() for c in step.strip("|").split("|")][3:6] == [
+        "102 ms", "81.9 ms", "71.7 ms"]
+    full = table.render(tmp_path, run="run-b", full=True)
+    assert "| event ms | graph ms |" in full
+
+
+def test_kernel_timers_are_empty_without_cuda():
+    import torch
+    cpu = torch.device("cpu")
+    assert benchlib.event_ms(lambda: None, cpu, 3) is None
+    assert benchlib.graph_ms(lambda: None, cpu, 3) == (None, "")
+    msg = benchlib.capture_failure(RuntimeError("CUDA error: operation not permitted when stream "
+                                                "is capturing\nmore lines"))
+    assert msg == ("capture failed: RuntimeError: CUDA error: operation not permitted when stream "
+                   "is capturing")
+    assert benchlib.capture_failure(torch.OutOfMemoryError("x")) == "capture failed: out of memory"
+    assert len(benchlib.capture_failure(RuntimeError("y" * 500))) == 200
+
+
+@pytest.mark.parametrize("mode", ["fwd", "bwd", "both"])
+def test_sync_free_callables_do_the_timed_work(mode):
+    """OpCase.kernel_callables (what event_ms / graph_ms time) does what the wall-timed callables
+    do: same outputs and gradients, on the CPU; kernel_times gives no GPU figure there."""
+    import test_bench_attention as TA
+    import torch
+    s = benchlib.OpShape("fp32", 1, 2, 1, 32, 16, 2, 4, mask="pad-left")
+    case = TA.OpCase("abft_torch", mode, True, s, torch.device("cpu"))
+    ref = case.once()
+    ref = [t.clone() for t in case.last] if mode == "fwd" else [g.clone() for g in ref]
+    prepare, work = case.kernel_callables(graph=True)
+    work(*(prepare() if prepare else ()))
+    got = case.last if mode == "fwd" else case.grads()
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+    case.release()
+    assert case.last is None and case.q.grad is None
+    assert TA.kernel_times(case, torch.device("cpu"), 3) == {}
