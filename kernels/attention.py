@@ -67,30 +67,6 @@ def _key_ok(kpm_ptr, s_kpm_b, b, offs_n, Lk, HAS_KPM: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(base, s_l, offs, L, offs_d, dmask):
-    """Rows offs (< L) of a [L, D] matrix at base with row stride s_l: [len(offs), BLOCK_D];
-    out-of-range entries read 0."""
-    return tl.load(base + offs[:, None] * s_l + offs_d[None, :],
-                   mask=(offs[:, None] < L) & dmask[None, :], other=0.0)
-
-
-@triton.jit
-def _load_tile_t(base, s_l, offs, L, offs_d, dmask):
-    """The transpose of ``_load_tile``: [BLOCK_D, len(offs)]."""
-    return tl.load(base + offs[None, :] * s_l + offs_d[:, None],
-                   mask=(offs[None, :] < L) & dmask[:, None], other=0.0)
-
-
-@triton.jit
-def _row_stats(LSE, DELTA, bh, offs_m, Lq):
-    """Base-2 lse (+inf where a row sees no key, so its P is 0) and delta of rows offs_m."""
-    lse = tl.load(LSE + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
-    return lse2, delta
-
-
-@triton.jit
 def _heads(Hq, G):
     """(bh, b, h, hk) of this program: axis 1 runs over batch x query heads; bh is int64 so base
     offsets like bh * L * D may pass 2**31."""
@@ -100,18 +76,109 @@ def _heads(Hq, G):
 
 
 @triton.jit
-def _key_range(pid_m, Lk, OFF, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """[lo, hi) of the keys that query block pid_m can see (lo aligned to BLOCK_N); blocks outside
-    the causal / window band are skipped."""
+def _tile(base, s_l, offs, L, offs_d, D, BOUND: tl.constexpr, EVEN_D: tl.constexpr):
+    """Rows offs of a [L, D] matrix at base (row stride s_l, unit column stride) as
+    [len(offs), BLOCK_D]; rows >= L (checked only when BOUND) and columns >= D read 0. With EVEN_D
+    (D == BLOCK_D) and no BOUND the load has no mask, so it vectorises and pipelines."""
+    ptrs = base + offs[:, None] * s_l + offs_d[None, :]
+    if EVEN_D:
+        if BOUND:
+            return tl.load(ptrs, mask=offs[:, None] < L, other=0.0)
+        return tl.load(ptrs)
+    m = offs_d[None, :] < D
+    if BOUND:
+        m = m & (offs[:, None] < L)
+    return tl.load(ptrs, mask=m, other=0.0)
+
+
+@triton.jit
+def _store_tile(base, s_l, offs, L, offs_d, D, x, EVEN_D: tl.constexpr):
+    ptrs = base + offs[:, None] * s_l + offs_d[None, :]
+    m = offs[:, None] < L
+    if not EVEN_D:
+        m = m & (offs_d[None, :] < D)
+    tl.store(ptrs, x.to(base.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _key_split(m0, Lk, OFF, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """Key ranges of query block [m0, m0 + BLOCK_M): (lo, fl, fh, hi) with [lo, hi) the keys the
+    block can see (lo aligned to BLOCK_N; blocks outside the causal / window band skipped) and
+    [fl, fh) the whole key blocks that every row of the block sees (no causal / window / bounds
+    mask needed there); [lo, fl) and [fh, hi) are the boundary blocks."""
     lo = 0
     hi = Lk
+    fh = (Lk // BLOCK_N) * BLOCK_N
     if CAUSAL:
-        hi = tl.minimum(Lk, pid_m * BLOCK_M + BLOCK_M + OFF)
+        hi = tl.maximum(0, tl.minimum(Lk, m0 + BLOCK_M + OFF))
+        fh = tl.minimum(fh, (tl.maximum(m0 + OFF + 1, 0) // BLOCK_N) * BLOCK_N)
         if WINDOW > 0:
-            lo = tl.maximum(0, pid_m * BLOCK_M + OFF - WINDOW + 1)
+            lo = tl.maximum(0, m0 + OFF - WINDOW + 1)
             lo = (lo // BLOCK_N) * BLOCK_N
+    fl = lo
+    if CAUSAL and WINDOW > 0:
+        fl = tl.maximum(lo, tl.cdiv(tl.maximum(m0 + BLOCK_M + OFF - WINDOW, 0), BLOCK_N) * BLOCK_N)
+    fl = tl.minimum(fl, hi)
+    fh = tl.minimum(tl.maximum(fh, fl), hi)
+    return lo, fl, fh, hi
+
+
+@triton.jit
+def _query_range(n0, Lq, OFF, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """[lo, hi) of the queries that key block [n0, n0 + BLOCK_N) is visible to (lo aligned to
+    BLOCK_M)."""
+    lo = 0
+    hi = Lq
+    if CAUSAL:
+        lo = (tl.maximum(0, n0 - OFF) // BLOCK_M) * BLOCK_M
+        if WINDOW > 0:
+            hi = tl.maximum(0, tl.minimum(Lq, n0 + BLOCK_N - 1 + WINDOW - OFF))
     return lo, hi
+
+
+@triton.jit
+def _dot_f32(a, x, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """a (float32) @ x (input dtype) on tensor cores for the probe direct terms: in 16 bits a goes
+    in as two parts of x's dtype (a rounded, then its remainder), so the small probe terms keep
+    about float32 accuracy at the cost of one more small dot."""
+    if x.dtype == tl.float32:
+        return _dot(a, x, PREC, UPCAST)
+    hi = a.to(x.dtype)
+    lo = (a - hi.to(tl.float32)).to(x.dtype)
+    return _dot(hi, x, PREC, UPCAST) + _dot(lo, x, PREC, UPCAST)
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, s_kl, s_vl, KPM, s_kpm_b, b, offs_m, offs_d,
+               lo, hi, Lq, Lk, D, OFF, qk_scale,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+               HAS_KPM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Online softmax over key blocks [lo, hi); MASKED applies causal / window / bounds (boundary
+    blocks), else only the padding mask (whole visible blocks)."""
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _tile(k_base, s_kl, offs_n, Lk, offs_d, D, MASKED, EVEN_D)
+        s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
+        if MASKED:
+            kp_ok = _key_ok(KPM, s_kpm_b, b, offs_n, Lk, HAS_KPM)
+            s = tl.where(_visible(offs_m, offs_n, Lq, Lk, kp_ok, OFF, CAUSAL, WINDOW), s,
+                         float("-inf"))
+        elif HAS_KPM:
+            kp_ok = _key_ok(KPM, s_kpm_b, b, offs_n, Lk, HAS_KPM)
+            s = tl.where(kp_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED or HAS_KPM:  # a row may still have seen no key: keep exp2 away from -inf - -inf
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _tile(v_base, s_vl, offs_n, Lk, offs_d, D, MASKED, EVEN_D)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, UPCAST)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -120,41 +187,39 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM,
                 Hq, G, Lq, Lk, D, sm_scale,
                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                PREC: tl.constexpr, UPCAST: tl.constexpr):
+                EVEN_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # causal: the heaviest query blocks (the last ones, which see the most keys) start first
     pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
     bh, b, h, hk = _heads(Hq, G)
     OFF = Lk - Lq
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    q = _load_tile(Q + b * s_qb + h * s_qh, s_ql, offs_m, Lq, offs_d, dmask)
+    q = _tile(Q + b * s_qb + h * s_qh, s_ql, offs_m, Lq, offs_d, D, True, EVEN_D)
     k_base = K + b * s_kb + hk * s_kh
     v_base = V + b * s_vb + hk * s_vh
     qk_scale = sm_scale * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = _key_range(pid_m, Lk, OFF, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
-    for start_n in tl.range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kp_ok = _key_ok(KPM, s_kpm_b, b, offs_n, Lk, HAS_KPM)
-        kt = _load_tile_t(k_base, s_kl, offs_n, Lk, offs_d, dmask)
-        s = _dot(q, kt, PREC, UPCAST) * qk_scale
-        ok = _visible(offs_m, offs_n, Lq, Lk, kp_ok, OFF, CAUSAL, WINDOW)
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_base, s_vl, offs_n, Lk, offs_d, dmask)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, UPCAST)
-        m_i = m_new
+    lo, fl, fh, hi = _key_split(m0, Lk, OFF, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+    if WINDOW > 0:  # the window's lower edge
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, s_kl, s_vl, KPM, s_kpm_b, b,
+                                   offs_m, offs_d, lo, fl, Lq, Lk, D, OFF, qk_scale, True, CAUSAL,
+                                   WINDOW, HAS_KPM, EVEN_D, BLOCK_N, PREC, UPCAST)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, s_kl, s_vl, KPM, s_kpm_b, b,
+                               offs_m, offs_d, fl, fh, Lq, Lk, D, OFF, qk_scale, False, CAUSAL,
+                               WINDOW, HAS_KPM, EVEN_D, BLOCK_N, PREC, UPCAST)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, s_kl, s_vl, KPM, s_kpm_b, b,
+                               offs_m, offs_d, fh, hi, Lq, Lk, D, OFF, qk_scale, True, CAUSAL,
+                               WINDOW, HAS_KPM, EVEN_D, BLOCK_N, PREC, UPCAST)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Lq) & dmask[None, :])
+    lse = tl.where(empty, float("-inf"),
+                   (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    _store_tile(O + b * s_ob + h * s_oh, s_ol, offs_m, Lq, offs_d, D, out, EVEN_D)
     tl.store(LSE + bh * Lq + offs_m, lse, mask=offs_m < Lq)
 
 
@@ -202,105 +267,173 @@ def _probe_kernel(Q, K, LSE, ROWS, COLS, P, KPM,
 
 
 @triton.jit
-def _delta_kernel(O, DO, EXTRA, DELTA, s_ob, s_oh, s_ol, s_db, s_dh, s_dl, Hq, Lq, D,
-                  HAS_EXTRA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _delta_kernel(O, DO, DELTA, ROWS, U, s_ob, s_oh, s_ol, s_db, s_dh, s_dl, Hq, Lq, D, R,
+                  HAS_PROBES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_R: tl.constexpr):
+    """delta_i = sum_d dO_id O_id (+ u_r for every probe slot r with rows[r] = i)."""
     pid_m = tl.program_id(0)
     bh, b, h, _ = _heads(Hq, 1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    o = _load_tile(O + b * s_ob + h * s_oh, s_ol, offs_m, Lq, offs_d, dmask).to(tl.float32)
-    do = _load_tile(DO + b * s_db + h * s_dh, s_dl, offs_m, Lq, offs_d, dmask).to(tl.float32)
+    o = _tile(O + b * s_ob + h * s_oh, s_ol, offs_m, Lq, offs_d, D, True, False).to(tl.float32)
+    do = _tile(DO + b * s_db + h * s_dh, s_dl, offs_m, Lq, offs_d, D, True, False).to(tl.float32)
     delta = tl.sum(o * do, 1)
-    if HAS_EXTRA:
-        delta += tl.load(EXTRA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    if HAS_PROBES:
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            rows = tl.load(ROWS + b * R + offs_r, mask=offs_r < R, other=-1)
+            u = tl.load(U + bh * R + offs_r, mask=offs_r < R, other=0.0)
+            delta += tl.sum(tl.where(offs_m[:, None] == rows[None, :], u[None, :], 0.0), 1)
     tl.store(DELTA + bh * Lq + offs_m, delta, mask=offs_m < Lq)
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM,
-                     s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_db, s_dh, s_dl,
-                     s_kpm_b, Hq, Hkv, G, Lq, Lk, D, sm_scale,
-                     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     PREC: tl.constexpr, UPCAST: tl.constexpr):
-    pid_n = tl.program_id(0)
-    bhk, b, hk, _ = _heads(Hkv, 1)  # axis 1 runs over batch x key/value heads here
-    OFF = Lk - Lq
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    nmask = (offs_n[:, None] < Lk) & dmask[None, :]
-    k = _load_tile(K + b * s_kb + hk * s_kh, s_kl, offs_n, Lk, offs_d, dmask)
-    v = _load_tile(V + b * s_vb + hk * s_vh, s_vl, offs_n, Lk, offs_d, dmask)
+def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, s_ql, s_dl, LSE, DELTA, bh, KPM, s_kpm_b, b,
+                  offs_n, offs_d, lo, hi, Lq, Lk, D, OFF, qk_scale,
+                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
+                  EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr,
+                  UPCAST: tl.constexpr):
+    """dK, dV of one key block over query blocks [lo, hi) of one query head (transposed tiles:
+    [BN, BM]). Every tile is masked: split into boundary and whole blocks as the forward is, this
+    loop spills on sm_90 at every tile tried (tests/aot_compile.py), one loop does not."""
     kp_ok = _key_ok(KPM, s_kpm_b, b, offs_n, Lk, HAS_KPM)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
-    lo = 0
-    hi = Lq
-    if CAUSAL:
-        lo = tl.maximum(0, pid_n * BLOCK_N - OFF)
-        lo = (lo // BLOCK_M) * BLOCK_M
-        if WINDOW > 0:
-            hi = tl.minimum(Lq, pid_n * BLOCK_N + BLOCK_N - 1 + WINDOW - OFF)
-    for g in range(0, G):
-        h = hk * G + g
-        bh = b * Hq + h
-        q_base = Q + b * s_qb + h * s_qh
-        do_base = DO + b * s_db + h * s_dh
-        for start_m in tl.range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = _load_tile(q_base, s_ql, offs_m, Lq, offs_d, dmask)
-            do = _load_tile(do_base, s_dl, offs_m, Lq, offs_d, dmask)
-            lse2, delta = _row_stats(LSE, DELTA, bh, offs_m, Lq)
-            st = _dot(k, tl.trans(q), PREC, UPCAST) * qk_scale  # [BN, BM]
-            ok = tl.trans(_visible(offs_m, offs_n, Lq, Lk, kp_ok, OFF, CAUSAL, WINDOW))
-            pt = tl.where(ok, tl.exp2(st - lse2[None, :]), 0.0)
-            dv += _dot(pt.to(do.dtype), do, PREC, UPCAST)
-            dpt = _dot(v, tl.trans(do), PREC, UPCAST)
-            dst = pt * (dpt - delta[None, :])
-            dk += _dot(dst.to(q.dtype), q, PREC, UPCAST)
-    dk = dk * sm_scale
-    tl.store(DK + bhk * Lk * D + offs_n[:, None] * D + offs_d[None, :], dk, mask=nmask)
-    tl.store(DV + bhk * Lk * D + offs_n[:, None] * D + offs_d[None, :], dv, mask=nmask)
+    for start_m in tl.range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _tile(q_base, s_ql, offs_m, Lq, offs_d, D, True, EVEN_D)
+        do = _tile(do_base, s_dl, offs_m, Lq, offs_d, D, True, EVEN_D)
+        lse = tl.load(LSE + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
+        delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        st = _dot(k, tl.trans(q), PREC, UPCAST) * qk_scale  # [BN, BM]
+        ok = tl.trans(_visible(offs_m, offs_n, Lq, Lk, kp_ok, OFF, CAUSAL, WINDOW))
+        pt = tl.where(ok, tl.exp2(st - lse2[None, :]), 0.0)
+        dv += _dot(pt.to(do.dtype), do, PREC, UPCAST)
+        dpt = _dot(v, tl.trans(do), PREC, UPCAST)
+        dst = pt * (dpt - delta[None, :])
+        dk += _dot(dst.to(q.dtype), q, PREC, UPCAST)
+    return dk, dv
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM,
-                   s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_db, s_dh, s_dl,
-                   s_kpm_b, Hq, G, Lq, Lk, D, sm_scale,
-                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   PREC: tl.constexpr, UPCAST: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh, b, h, hk = _heads(Hq, G)
-    OFF = Lk - Lq
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    q = _load_tile(Q + b * s_qb + h * s_qh, s_ql, offs_m, Lq, offs_d, dmask)
-    do = _load_tile(DO + b * s_db + h * s_dh, s_dl, offs_m, Lq, offs_d, dmask)
-    lse2, delta = _row_stats(LSE, DELTA, bh, offs_m, Lq)
-    k_base = K + b * s_kb + hk * s_kh
-    v_base = V + b * s_vb + hk * s_vh
-    qk_scale = sm_scale * 1.4426950408889634
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = _key_range(pid_m, Lk, OFF, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+def _bwd_q_inner(dq, q, do, lse2, delta, k_base, v_base, s_kl, s_vl, KPM, s_kpm_b, b, offs_m,
+                 offs_d, lo, hi, Lq, Lk, D, OFF, qk_scale,
+                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                 HAS_KPM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                 PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """dQ of one query block over key blocks [lo, hi); MASKED as in _fwd_inner."""
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kp_ok = _key_ok(KPM, s_kpm_b, b, offs_n, Lk, HAS_KPM)
-        kt = _load_tile_t(k_base, s_kl, offs_n, Lk, offs_d, dmask)
-        vt = _load_tile_t(v_base, s_vl, offs_n, Lk, offs_d, dmask)
-        s = _dot(q, kt, PREC, UPCAST) * qk_scale
-        ok = _visible(offs_m, offs_n, Lq, Lk, kp_ok, OFF, CAUSAL, WINDOW)
-        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = _dot(do, vt, PREC, UPCAST)
+        k = _tile(k_base, s_kl, offs_n, Lk, offs_d, D, MASKED, EVEN_D)
+        v = _tile(v_base, s_vl, offs_n, Lk, offs_d, D, MASKED, EVEN_D)
+        s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
+        p = tl.exp2(s - lse2[:, None])
+        if MASKED:
+            kp_ok = _key_ok(KPM, s_kpm_b, b, offs_n, Lk, HAS_KPM)
+            p = tl.where(_visible(offs_m, offs_n, Lq, Lk, kp_ok, OFF, CAUSAL, WINDOW), p, 0.0)
+        elif HAS_KPM:
+            kp_ok = _key_ok(KPM, s_kpm_b, b, offs_n, Lk, HAS_KPM)
+            p = tl.where(kp_ok[None, :], p, 0.0)
+        dp = _dot(do, tl.trans(v), PREC, UPCAST)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(kt.dtype), tl.trans(kt), PREC, UPCAST)
-    dq = dq * sm_scale
-    tl.store(DQ + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :], dq,
-             mask=(offs_m[:, None] < Lq) & dmask[None, :])
+        dq += _dot(ds.to(k.dtype), k, PREC, UPCAST)
+    return dq
+
+
+@triton.jit
+def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, KPM, ROWS, E, DQP,
+                s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_db, s_dh, s_dl,
+                s_dqb, s_dqh, s_dql, s_dkb, s_dkh, s_dkl, s_dvb, s_dvh, s_dvl,
+                s_kpm_b, Hq, Hkv, G, Lq, Lk, D, R, sm_scale, N_KV_BLOCKS,
+                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
+                HAS_PROBES: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
+                BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_R: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
+                UPCAST: tl.constexpr):
+    """The whole flash backward in one launch. Axis 1: batch x key/value heads. Axis 0: the first
+    N_KV_BLOCKS programs each own one key block (dK, dV summed over the G query heads of the group
+    in registers, no atomics), the rest one (query head of the group, query block) each (dQ),
+    heaviest blocks first under a causal mask. Gradients are stored in the input dtype. The probe
+    direct term (docs/design.md): dK_j += s * sum_{h, r} E[h, r, j] q_{h, rows[r]} and
+    dQ_{rows[r]} += DQP[r] (= s * sum_c P_rc G_rc k_c), E = P G scattered to full rows."""
+    pid = tl.program_id(0)
+    bhk, b, hk, _ = _heads(Hkv, 1)
+    OFF = Lk - Lq
+    offs_d = tl.arange(0, BLOCK_D)
+    qk_scale = sm_scale * 1.4426950408889634
+    if pid < N_KV_BLOCKS:
+        n0 = pid * BLOCK_N1
+        offs_n = n0 + tl.arange(0, BLOCK_N1)
+        k = _tile(K + b * s_kb + hk * s_kh, s_kl, offs_n, Lk, offs_d, D, True, EVEN_D)
+        v = _tile(V + b * s_vb + hk * s_vh, s_vl, offs_n, Lk, offs_d, D, True, EVEN_D)
+        dk = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
+        lo, hi = _query_range(n0, Lq, OFF, CAUSAL, WINDOW, BLOCK_M1, BLOCK_N1)
+        for g in range(0, G):
+            h = hk * G + g
+            bh = b * Hq + h
+            q_base = Q + b * s_qb + h * s_qh
+            do_base = DO + b * s_db + h * s_dh
+            dk, dv = _bwd_kv_inner(dk, dv, k, v, q_base, do_base, s_ql, s_dl, LSE, DELTA, bh, KPM,
+                                   s_kpm_b, b, offs_n, offs_d, lo, hi, Lq, Lk, D, OFF, qk_scale,
+                                   CAUSAL, WINDOW, HAS_KPM, EVEN_D, BLOCK_M1, PREC, UPCAST)
+            if HAS_PROBES:  # + E[h, :, keys]^T q[h, rows]: scaled with the rest below
+                for r0 in range(0, R, BLOCK_R):
+                    offs_r = r0 + tl.arange(0, BLOCK_R)
+                    rows = tl.load(ROWS + b * R + offs_r, mask=offs_r < R, other=-1)
+                    qr = tl.load(q_base + tl.maximum(rows, 0)[:, None] * s_ql + offs_d[None, :],
+                                 mask=(rows[:, None] >= 0) & (offs_d[None, :] < D), other=0.0)
+                    e = tl.load(E + (bh * R + offs_r[:, None]) * Lk + offs_n[None, :],
+                                mask=(offs_r[:, None] < R) & (offs_n[None, :] < Lk), other=0.0)
+                    dk += _dot_f32(tl.trans(e), qr, PREC, UPCAST)
+        _store_tile(DK + b * s_dkb + hk * s_dkh, s_dkl, offs_n, Lk, offs_d, D, dk * sm_scale,
+                    EVEN_D)
+        _store_tile(DV + b * s_dvb + hk * s_dvh, s_dvl, offs_n, Lk, offs_d, D, dv, EVEN_D)
+    else:
+        pid = pid - N_KV_BLOCKS
+        n_m = tl.cdiv(Lq, BLOCK_M2)
+        g = pid // n_m
+        pid_m = pid % n_m
+        if CAUSAL:
+            pid_m = n_m - 1 - pid_m
+        h = hk * G + g
+        bh = b * Hq + h
+        m0 = pid_m * BLOCK_M2
+        offs_m = m0 + tl.arange(0, BLOCK_M2)
+        q = _tile(Q + b * s_qb + h * s_qh, s_ql, offs_m, Lq, offs_d, D, True, EVEN_D)
+        do = _tile(DO + b * s_db + h * s_dh, s_dl, offs_m, Lq, offs_d, D, True, EVEN_D)
+        lse = tl.load(LSE + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+        k_base = K + b * s_kb + hk * s_kh
+        v_base = V + b * s_vb + hk * s_vh
+        dq = tl.zeros([BLOCK_M2, BLOCK_D], tl.float32)
+        lo, fl, fh, hi = _key_split(m0, Lk, OFF, CAUSAL, WINDOW, BLOCK_M2, BLOCK_N2)
+        if WINDOW > 0:
+            dq = _bwd_q_inner(dq, q, do, lse2, delta, k_base, v_base, s_kl, s_vl, KPM, s_kpm_b, b,
+                              offs_m, offs_d, lo, fl, Lq, Lk, D, OFF, qk_scale, True, CAUSAL,
+                              WINDOW, HAS_KPM, EVEN_D, BLOCK_N2, PREC, UPCAST)
+        dq = _bwd_q_inner(dq, q, do, lse2, delta, k_base, v_base, s_kl, s_vl, KPM, s_kpm_b, b,
+                          offs_m, offs_d, fl, fh, Lq, Lk, D, OFF, qk_scale, False, CAUSAL,
+                          WINDOW, HAS_KPM, EVEN_D, BLOCK_N2, PREC, UPCAST)
+        dq = _bwd_q_inner(dq, q, do, lse2, delta, k_base, v_base, s_kl, s_vl, KPM, s_kpm_b, b,
+                          offs_m, offs_d, fh, hi, Lq, Lk, D, OFF, qk_scale, True, CAUSAL,
+                          WINDOW, HAS_KPM, EVEN_D, BLOCK_N2, PREC, UPCAST)
+        dq = dq * sm_scale
+        if HAS_PROBES:  # + DQP[r] on the rows of this block that are probe rows
+            for r0 in range(0, R, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                rows = tl.load(ROWS + b * R + offs_r, mask=offs_r < R, other=-1)
+                hit = tl.where(offs_m[:, None] == rows[None, :], 1.0, 0.0)  # [BM, BR]
+                dqp = tl.load(DQP + (bh * R + offs_r[:, None]) * D + offs_d[None, :],
+                              mask=(offs_r[:, None] < R) & (offs_d[None, :] < D), other=0.0)
+                if q.dtype == tl.float32:
+                    dq += _dot(hit, dqp, PREC, UPCAST)
+                else:  # dqp in two parts of q's dtype, as in _dot_f32; hit is exact
+                    p_hi = dqp.to(q.dtype)
+                    p_lo = (dqp - p_hi.to(tl.float32)).to(q.dtype)
+                    hit = hit.to(q.dtype)
+                    dq += _dot(hit, p_hi, PREC, UPCAST) + _dot(hit, p_lo, PREC, UPCAST)
+        _store_tile(DQ + b * s_dqb + h * s_dqh, s_dql, offs_m, Lq, offs_d, D, dq, EVEN_D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,8 +571,8 @@ def attention_fwd(q, k, v, key_padding_mask=None, *, causal=True, window=None, s
     _fwd_kernel[grid](q, k, v, out, lse, a.kpm,
                       *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
                       a.s_kpm, a.hq, a.group, a.lq, a.lk, a.d, scale, **a.flags, BLOCK_M=bm,
-                      BLOCK_N=bn, BLOCK_D=a.block_d, PREC=a.prec, UPCAST=a.upcast,
-                      num_warps=warps, num_stages=stages)
+                      BLOCK_N=bn, BLOCK_D=a.block_d, EVEN_D=a.d == a.block_d, PREC=a.prec,
+                      UPCAST=a.upcast, num_warps=warps, num_stages=stages)
     return out, lse
 
 
@@ -468,10 +601,14 @@ def probe_fwd(q, k, lse, rows, cols=None, key_padding_mask=None, *, causal=True,
 
 
 def attention_bwd(q, k, v, out, lse, dout, key_padding_mask=None, *, causal=True, window=None,
-                  scale=None, delta_extra=None):
-    """Flash backward -> dq [B,Hq,Lq,D], dk, dv [B,Hkv,Lk,D], all float32.
+                  scale=None, probe_rows=None, probe_u=None, probe_e=None, probe_dq=None):
+    """Flash backward: the delta pre-pass, then dK / dV and dQ programs in ONE launch ->
+    dq [B,Hq,Lq,D], dk, dv [B,Hkv,Lk,D] in the input dtype (float32 accumulation inside).
 
-    delta_extra: optional [B,Hq,Lq] float32 added to delta = rowsum(dout * out) (the probe term)."""
+    The probe gradient, all four or none: probe_rows [B,R] int64 (-1 = unused slot); probe_u
+    [B,Hq,R] float32 = sum_c P_rc G_rc (added to delta of row rows[r]); probe_e [B,Hq,R,Lk]
+    float32 = P G scattered to full rows (the direct term into dk); probe_dq [B,Hq,R,D] float32 =
+    scale * sum_c P_rc G_rc k_c (the direct term into dq row rows[r]). Duplicate rows add."""
     q, k, v, kpm = _prep(q, k, v, key_padding_mask)
     out = out if out.stride(-1) == 1 else out.contiguous()
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
@@ -480,26 +617,32 @@ def attention_bwd(q, k, v, out, lse, dout, key_padding_mask=None, *, causal=True
     a = _launch(q, k, kpm, causal, window)
     scale = a.d ** -0.5 if scale is None else float(scale)
     lse = lse.contiguous()
+    probes = probe_rows is not None and probe_rows.shape[1] > 0
+    r = probe_rows.shape[1] if probes else 0
+    if probes:
+        rows, u, e, dqp = (t.contiguous() for t in (probe_rows, probe_u, probe_e, probe_dq))
+    else:
+        rows = u = e = dqp = lse  # dummy pointers, never read
     delta = torch.empty(a.b, a.hq, a.lq, dtype=torch.float32, device=q.device)
     bm_d = 16 if _interpreting() else 64
-    extra = delta_extra.contiguous() if delta_extra is not None else delta
     _delta_kernel[(triton.cdiv(a.lq, bm_d), a.b * a.hq)](
-        out, dout, extra, delta, *out.stride()[:3], *dout.stride()[:3], a.hq, a.lq, a.d,
-        HAS_EXTRA=delta_extra is not None, BLOCK_M=bm_d, BLOCK_D=a.block_d)
-    dq = torch.empty(a.b, a.hq, a.lq, a.d, dtype=torch.float32, device=q.device)
-    dk = torch.empty(a.b, a.hkv, a.lk, a.d, dtype=torch.float32, device=q.device)
-    dv = torch.empty(a.b, a.hkv, a.lk, a.d, dtype=torch.float32, device=q.device)
-    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], a.s_kpm)
-    dots = dict(BLOCK_D=a.block_d, PREC=a.prec, UPCAST=a.upcast)
-    bm, bn, warps, stages = _cfg(a.block_d, q.device, "dkdv", q.dtype)
-    _bwd_dkdv_kernel[(triton.cdiv(a.lk, bn), a.b * a.hkv)](
-        q, k, v, dout, lse, delta, dk, dv, a.kpm, *strides, a.hq, a.hkv, a.group, a.lq, a.lk,
-        a.d, scale, **a.flags, BLOCK_M=bm, BLOCK_N=bn, **dots, num_warps=warps,
+        out, dout, delta, rows, u, *out.stride()[:3], *dout.stride()[:3], a.hq, a.lq, a.d, r,
+        HAS_PROBES=probes, BLOCK_M=bm_d, BLOCK_D=a.block_d, BLOCK_R=16)
+    dq = torch.empty(a.b, a.hq, a.lq, a.d, dtype=q.dtype, device=q.device)
+    dk = torch.empty(a.b, a.hkv, a.lk, a.d, dtype=k.dtype, device=q.device)
+    dv = torch.empty(a.b, a.hkv, a.lk, a.d, dtype=v.dtype, device=q.device)
+    bm1, bn1, warps, stages = _cfg(a.block_d, q.device, "dkdv", q.dtype)
+    bm2, bn2, _, _ = _cfg(a.block_d, q.device, "dq", q.dtype)
+    n_kv = triton.cdiv(a.lk, bn1)
+    grid = (n_kv + a.group * triton.cdiv(a.lq, bm2), a.b * a.hkv)
+    _bwd_kernel[grid](
+        q, k, v, dout, lse, delta, dq, dk, dv, a.kpm, rows, e, dqp,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
+        *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], a.s_kpm, a.hq, a.hkv, a.group,
+        a.lq, a.lk, a.d, r, scale, n_kv, **a.flags, HAS_PROBES=probes, BLOCK_M1=bm1,
+        BLOCK_N1=bn1, BLOCK_M2=bm2, BLOCK_N2=bn2, BLOCK_D=a.block_d, BLOCK_R=16,
+        EVEN_D=a.d == a.block_d, PREC=a.prec, UPCAST=a.upcast, num_warps=warps,
         num_stages=stages)
-    bm, bn, warps, stages = _cfg(a.block_d, q.device, "dq", q.dtype)
-    _bwd_dq_kernel[(triton.cdiv(a.lq, bm), a.b * a.hq)](
-        q, k, v, dout, lse, delta, dq, a.kpm, *strides, a.hq, a.group, a.lq, a.lk, a.d, scale,
-        **a.flags, BLOCK_M=bm, BLOCK_N=bn, **dots, num_warps=warps, num_stages=stages)
     return dq, dk, dv
 
 

@@ -16,7 +16,13 @@ from __future__ import annotations
 
 import torch
 
-from .probe_math import add_probe_direct, probe_delta_extra, probe_probs_from_lse
+from .probe_math import (
+    add_probe_direct,
+    probe_delta_extra,
+    probe_dq_rows,
+    probe_probs_from_lse,
+)
+from .probe_ops import grad_inputs
 from .spec import AttentionSpec, probs_dtype
 
 
@@ -37,14 +43,19 @@ class TritonEngine:
                                  scale=spec.scale)
 
     @staticmethod
-    def backward(q, k, v, out, lse, dout, spec: AttentionSpec, delta_extra, ds):
+    def backward(q, k, v, out, lse, dout, spec: AttentionSpec, probs, dprobs):
+        """One kernel launch after the delta pre-pass; the probe terms go into the kernels (u_r
+        into delta, the direct term into dq / dk) and the gradients come out in the input dtype."""
         from ..kernels import attention as kernels
-        dq, dk, dv = kernels.attention_bwd(q, k, v, out, lse, dout, spec.key_padding_mask,
-                                           causal=spec.causal, window=spec.window,
-                                           scale=spec.scale, delta_extra=delta_extra)
-        if ds is not None:  # the R x C direct term, straight into the float32 accumulators
-            add_probe_direct(dq, dk, q, k, ds, spec)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        probe = {}
+        if dprobs is not None:
+            u, e = grad_inputs(probs, dprobs, spec.probe_cols, spec.k_len)
+            ds = e if spec.probe_cols is None else probs * dprobs.to(probs.dtype)
+            probe = dict(probe_rows=spec.probe_rows, probe_u=u, probe_e=e,
+                         probe_dq=probe_dq_rows(ds, k, spec))
+        return kernels.attention_bwd(q, k, v, out, lse, dout, spec.key_padding_mask,
+                                     causal=spec.causal, window=spec.window, scale=spec.scale,
+                                     **probe)
 
 
 class ExtensionEngine:
@@ -63,13 +74,14 @@ class ExtensionEngine:
     def probes(q, k, lse, spec: AttentionSpec):
         return probe_probs_from_lse(q, k, lse, spec)
 
-    def backward(self, q, k, v, out, lse, dout, spec: AttentionSpec, delta_extra, ds):
-        dq_add = dk_add = None
-        if ds is not None:  # the direct term, added by the kernel to its float32 accumulators
+    def backward(self, q, k, v, out, lse, dout, spec: AttentionSpec, probs, dprobs):
+        dq_add = dk_add = extra = None
+        if dprobs is not None:  # the direct term, added by the kernel to its float32 accumulators
+            ds, extra = probe_delta_extra(probs, dprobs, spec.probe_rows, spec.q_len)
             dq_add = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
             dk_add = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
             add_probe_direct(dq_add, dk_add, q, k, ds, spec)
-        return self.ext.bwd(dout, q, k, v, out, lse, spec.key_padding_mask, delta_extra, dq_add,
+        return self.ext.bwd(dout, q, k, v, out, lse, spec.key_padding_mask, extra, dq_add,
                             dk_add, spec.causal, spec.scale, spec.window or 0)
 
 
@@ -92,10 +104,9 @@ def fused_backward(engine, q, k, v, out, lse, probs, dout, dprobs, spec: Attenti
     """-> (dq, dk, dv) in the input dtype; ``dprobs`` None when the probes got no gradient."""
     if dout is None:
         dout = torch.zeros_like(out)
-    ds = extra = None
-    if probs is not None and dprobs is not None and probs.numel():
-        ds, extra = probe_delta_extra(probs, dprobs, spec.probe_rows, spec.q_len)
-    return engine.backward(q, k, v, out, lse, dout, spec, extra, ds)
+    if probs is None or dprobs is None or not probs.numel():
+        probs = dprobs = None
+    return engine.backward(q, k, v, out, lse, dout, spec, probs, dprobs)
 
 
 class FusedAttention(torch.autograd.Function):

@@ -85,22 +85,39 @@ def probe_delta_extra(probs, grad_probs, rows, lq):
     return ds, extra
 
 
+def _probe_cols(k, spec):
+    """(column positions [B,C] with -1 read as 0, the keys there [B,Hkv,C,D])."""
+    b, hkv, lk, d = k.shape
+    cc = (torch.arange(lk, device=k.device).unsqueeze(0).expand(b, -1)
+          if spec.probe_cols is None else spec.probe_cols.clamp(min=0))
+    if spec.probe_cols is None:
+        return cc, k
+    return cc, torch.gather(k, 2, cc[:, None, :, None].expand(b, hkv, cc.shape[1], d))
+
+
+def probe_dq_rows(ds, k, spec):
+    """scale * sum_c ds[b,h,r,c] k[b,h//G,cols[c]] -> [B,Hq,R,D] in ds's dtype: the direct term of
+    the probe gradient into dq row rows[r]. ds [B,Hq,R,C] (C = Lk for full rows)."""
+    b, hq, r, c = ds.shape
+    hkv, d = k.shape[1], k.shape[3]
+    _, kc = _probe_cols(k, spec)
+    out = torch.matmul(ds.reshape(b, hkv, (hq // hkv) * r, c), kc.to(ds.dtype))
+    return out.reshape(b, hq, r, d) * spec.scale
+
+
 def add_probe_direct(dq, dk, q, k, ds, spec):
     """In place: dq[b,h,rows[r]] += scale * sum_c ds[r,c] k_c; dk[b,h//G,cols[c]] += scale *
     sum_{h in group, r} ds[r,c] q_r. dq [B,Hq,Lq,D], dk [B,Hkv,Lk,D] accumulators."""
     b, hq, lq, d = q.shape
-    hkv, lk = k.shape[1], k.shape[2]
+    hkv = k.shape[1]
     g = hq // hkv
-    rows, cols = spec.probe_rows, spec.probe_cols
-    r = rows.shape[1]
+    rr = spec.probe_rows.clamp(min=0)
+    r = rr.shape[1]
     dt = ds.dtype
-    rr = rows.clamp(min=0)
-    cc = (torch.arange(lk, device=q.device).unsqueeze(0).expand(b, -1) if cols is None
-          else cols.clamp(min=0))
+    cc, _ = _probe_cols(k, spec)
     c = cc.shape[1]
-    kc = torch.gather(k, 2, cc[:, None, :, None].expand(b, hkv, c, d)).to(dt)  # [B,Hkv,C,D]
-    dq_rows = torch.matmul(ds.reshape(b, hkv, g * r, c), kc).reshape(b, hq, r, d) * spec.scale
-    dq.scatter_add_(2, rr[:, None, :, None].expand(b, hq, r, d), dq_rows.to(dq.dtype))
+    dq.scatter_add_(2, rr[:, None, :, None].expand(b, hq, r, d),
+                    probe_dq_rows(ds, k, spec).to(dq.dtype))
     qr = torch.gather(q, 2, rr[:, None, :, None].expand(b, hq, r, d)).to(dt)  # [B,Hq,R,D]
     dk_cols = torch.matmul(ds.transpose(-1, -2), qr).reshape(b, hkv, g, c, d).sum(2) * spec.scale
     dk.scatter_add_(2, cc[:, None, :, None].expand(b, hkv, c, d), dk_cols.to(dk.dtype))
