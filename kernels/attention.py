@@ -139,15 +139,17 @@ def _query_range(n0, Lq, OFF, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _dot_f32(a, x, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """a (float32) @ x (input dtype) on tensor cores for the probe direct terms: in 16 bits a goes
-    in as two parts of x's dtype (a rounded, then its remainder), so the small probe terms keep
-    about float32 accuracy at the cost of one more small dot."""
+def _add_dot_f32(acc, a, x, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a (float32) @ x (input dtype) on tensor cores, for the probe direct terms: in 16 bits
+    a goes in as two parts of x's dtype (a rounded, then its remainder), so the small probe terms
+    keep about float32 accuracy for one more small dot. Each dot accumulates into acc (no
+    temporary tile: one would spill on sm_90)."""
     if x.dtype == tl.float32:
-        return _dot(a, x, PREC, UPCAST)
+        return acc + _dot(a, x, PREC, UPCAST)
     hi = a.to(x.dtype)
     lo = (a - hi.to(tl.float32)).to(x.dtype)
-    return _dot(hi, x, PREC, UPCAST) + _dot(lo, x, PREC, UPCAST)
+    acc = acc + _dot(hi, x, PREC, UPCAST)
+    return acc + _dot(lo, x, PREC, UPCAST)
 
 
 @triton.jit
@@ -376,7 +378,12 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, KPM, ROWS, E, DQP,
             dk, dv = _bwd_kv_inner(dk, dv, k, v, q_base, do_base, s_ql, s_dl, LSE, DELTA, bh, KPM,
                                    s_kpm_b, b, offs_n, offs_d, lo, hi, Lq, Lk, D, OFF, qk_scale,
                                    CAUSAL, WINDOW, HAS_KPM, EVEN_D, BLOCK_M1, PREC, UPCAST)
-            if HAS_PROBES:  # + E[h, :, keys]^T q[h, rows]: scaled with the rest below
+        _store_tile(DV + b * s_dvb + hk * s_dvh, s_dvl, offs_n, Lk, offs_d, D, dv, EVEN_D)
+        if HAS_PROBES:  # + E[h, :, keys]^T q[h, rows], after dv is stored (fewer live registers)
+            for g in range(0, G):
+                h = hk * G + g
+                bh = b * Hq + h
+                q_base = Q + b * s_qb + h * s_qh
                 for r0 in range(0, R, BLOCK_R):
                     offs_r = r0 + tl.arange(0, BLOCK_R)
                     rows = tl.load(ROWS + b * R + offs_r, mask=offs_r < R, other=-1)
@@ -384,10 +391,9 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, KPM, ROWS, E, DQP,
                                  mask=(rows[:, None] >= 0) & (offs_d[None, :] < D), other=0.0)
                     e = tl.load(E + (bh * R + offs_r[:, None]) * Lk + offs_n[None, :],
                                 mask=(offs_r[:, None] < R) & (offs_n[None, :] < Lk), other=0.0)
-                    dk += _dot_f32(tl.trans(e), qr, PREC, UPCAST)
+                    dk = _add_dot_f32(dk, tl.trans(e), qr, PREC, UPCAST)
         _store_tile(DK + b * s_dkb + hk * s_dkh, s_dkl, offs_n, Lk, offs_d, D, dk * sm_scale,
                     EVEN_D)
-        _store_tile(DV + b * s_dvb + hk * s_dvh, s_dvl, offs_n, Lk, offs_d, D, dv, EVEN_D)
     else:
         pid = pid - N_KV_BLOCKS
         n_m = tl.cdiv(Lq, BLOCK_M2)
@@ -427,12 +433,13 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, KPM, ROWS, E, DQP,
                 dqp = tl.load(DQP + (bh * R + offs_r[:, None]) * D + offs_d[None, :],
                               mask=(offs_r[:, None] < R) & (offs_d[None, :] < D), other=0.0)
                 if q.dtype == tl.float32:
-                    dq += _dot(hit, dqp, PREC, UPCAST)
-                else:  # dqp in two parts of q's dtype, as in _dot_f32; hit is exact
+                    dq = dq + _dot(hit, dqp, PREC, UPCAST)
+                else:  # dqp in two parts of q's dtype, as in _add_dot_f32; hit is exact
                     p_hi = dqp.to(q.dtype)
                     p_lo = (dqp - p_hi.to(tl.float32)).to(q.dtype)
                     hit = hit.to(q.dtype)
-                    dq += _dot(hit, p_hi, PREC, UPCAST) + _dot(hit, p_lo, PREC, UPCAST)
+                    dq = dq + _dot(hit, p_hi, PREC, UPCAST)
+                    dq = dq + _dot(hit, p_lo, PREC, UPCAST)
         _store_tile(DQ + b * s_dqb + h * s_dqh, s_dql, offs_m, Lq, offs_d, D, dq, EVEN_D)
 
 
@@ -448,8 +455,9 @@ _tile_override: dict = {}
 def tiles(**cfg):
     """Force tile configurations inside the ``with`` block, for tuning and tests:
     ``tiles(fwd=(128, 64, 8, 3), dkdv=(32, 128, 4, 3), dq=(128, 32, 4, 3))``; each value is
-    (BLOCK_M, BLOCK_N, num_warps, num_stages), blocks powers of two >= 16. Kinds not named keep
-    their defaults. Not thread-safe: one override for the whole process."""
+    (BLOCK_M, BLOCK_N, num_warps, num_stages), blocks powers of two >= 16. The backward is one
+    launch: dkdv's warps and stages apply to it, dq's only give the dQ programs' blocks. Kinds not
+    named keep their defaults. Not thread-safe: one override for the whole process."""
     for kind, c in cfg.items():
         if kind not in TILE_KINDS:
             raise ValueError(f"tiles: unknown kind {kind!r}; expected one of {TILE_KINDS}")
@@ -490,26 +498,28 @@ def _major(index: int) -> int:
 
 
 def _cfg_for(d_pad: int, major: int, kind: str, fp32: bool = False):
-    """Tiles sized so that shared memory fits sm_80 (164 KB) and sm_90 (227 KB); checked by
-    tests/aot_compile.py, which compiles every configuration for both without a GPU."""
+    """Shipped tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward ("fwd") and of the
+    backward's dK/dV ("dkdv") and dQ ("dq") programs; the backward is one launch, so its warps and
+    stages are dkdv's. Chosen by compiling candidates ahead of time (tests/aot_compile.py, the
+    JIT's specialisation) for no stack and no spill: every 16-bit configuration at d <= 128 on
+    sm_80 and sm_90, and the float32 backward; the float32 forward (IEEE dots on CUDA cores)
+    still spills at d = 128 at every tile tried. Not yet timed on a GPU (bench/tune_tiles.py)."""
     big = d_pad > 128
-    if fp32:  # twice the bytes per element: smaller tiles
+    if fp32:
         if kind == "fwd":
-            return (32, 32, 4, 2) if big else (64, 64, 4, 2)
-        if kind == "dkdv":
-            return (16, 32, 4, 2) if big else (32, 64, 4, 2)
-        return (32, 32, 4, 2) if big else (64, 32, 4, 2)
+            return (16, 32, 4, 2) if d_pad > 64 else (32, 32, 4, 2)
+        return (16, 32, 4, 2) if kind == "dkdv" else (32, 16, 4, 2)
     if kind == "fwd":
         if big:
-            return 64, 32, 4, 2
-        if major >= 9:
-            return 128, 128 if d_pad <= 64 else 64, 8, 3
-        return 128, 64, 4 if d_pad <= 64 else 8, 3
-    if kind == "dkdv":
-        if big:
-            return 32, 64, 8, 2
-        return (64, 128 if d_pad <= 64 else 64, 8 if major >= 9 else 4, 2)
-    return (64, 32, 8, 2) if big else (128, 64, 8, 2)
+            return (64, 64, 8, 2) if major >= 9 else (64, 32, 4, 2)
+        if major >= 9 or d_pad <= 64:
+            return 128, 64, 8, 3
+        return 64, 64, 4, 3
+    if big:  # wgmma's 64-row tiles spill at d = 256 (measured); these take mma.sync
+        return (16, 32, 4, 2) if kind == "dkdv" else (32, 16, 4, 2)
+    if major >= 9:
+        return (32, 128, 8, 2) if kind == "dkdv" else (128, 64, 8, 2)
+    return (32, 64, 8, 2) if kind == "dkdv" else (64, 32, 8, 2)
 
 
 def _prep(q, k, v, kpm):
@@ -546,11 +556,17 @@ class _Launch:
         return self.hq // self.hkv
 
 
+def dot_precision(fp32: bool) -> str:
+    """input_precision of the flash kernels' dots: 16-bit inputs use the tensor cores in their own
+    dtype ("tf32" is then ignored); float32 inputs use IEEE float32 dots."""
+    return "ieee" if fp32 else "tf32"
+
+
 def _launch(q, k, kpm, causal, window) -> _Launch:
     b, hq, lq, d = q.shape
     return _Launch(
         b=b, hq=hq, hkv=k.shape[1], lq=lq, lk=k.shape[2], d=d, block_d=padded_head_dim(d),
-        prec="ieee" if q.dtype == torch.float32 else "tf32",
+        prec=dot_precision(q.dtype == torch.float32),
         flags=dict(CAUSAL=bool(causal), WINDOW=int(window or 0), HAS_KPM=kpm is not None),
         kpm=kpm if kpm is not None else q,  # dummy pointer, never read
         s_kpm=kpm.stride(0) if kpm is not None else 0,

@@ -34,7 +34,9 @@ def signature(fn, dtype, consts):
     for n in fn.arg_names:
         if n in consts:
             sig[n] = "constexpr"
-        elif n in ("LSE", "DELTA", "DQ", "DK", "DV", "EXTRA", "P", "U", "E"):
+        elif n in ("DQ", "DK", "DV") and fn.__name__ == "_bwd_kernel":
+            sig[n] = PTR[dtype]  # the fused backward stores its gradients in the input dtype
+        elif n in ("LSE", "DELTA", "DQ", "DK", "DV", "EXTRA", "P", "U", "E", "DQP"):
             sig[n] = "*fp32"
         elif n in ("ROWS", "COLS"):
             sig[n] = "*i64"
@@ -67,20 +69,40 @@ def sass_stats(compiled) -> dict:
                 hgmma=len(re.findall(r"\bHGMMA\b", sass)), hmma=len(re.findall(r"\bHMMA\b", sass)))
 
 
+def jit_attrs(fn, sig):
+    """The specialisation Triton's JIT makes at launch for the usual call (16-byte aligned tensors,
+    strides that are multiples of 16 elements: any contiguous or head-transposed [B, H, L, D] with
+    D a multiple of 16): tt.divisibility 16 on every pointer and stride argument (s_*). Without
+    it the compiler cannot vectorise a load and the report shows spills that the kernels launched
+    at run time do not have. Lengths (Lq, Lk, D, R, ...) stay unhinted."""
+    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+            if sig[n] != "constexpr" and (sig[n].startswith("*") or n.startswith("s_"))}
+
+
 def _compile(fn, dtype, consts, target, warps, stages):
-    src = ASTSource(fn, signature(fn, dtype, consts), consts)
+    sig = signature(fn, dtype, consts)
+    src = ASTSource(fn, sig, consts, jit_attrs(fn, sig))
     return triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
 
 
 def flash_configs(cc: int, dtypes=("bf16", "fp16", "fp32"), dims=(64, 128, 256)):
+    """The fused engine's forward and one-launch backward at their shipped tiles (causal, key
+    padding, probes on: the variant with the most code)."""
     for dtype in dtypes:
         for d in dims:
-            for name, kind in (("_fwd_kernel", "fwd"), ("_bwd_dkdv_kernel", "dkdv"),
-                               ("_bwd_dq_kernel", "dq")):
-                bm, bn, warps, stages = kernels._cfg_for(d, cc // 10, kind, dtype == "fp32")
-                consts = dict(CAUSAL=True, WINDOW=0, HAS_KPM=True, BLOCK_M=bm, BLOCK_N=bn,
-                              BLOCK_D=d, PREC="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
-                yield getattr(kernels, name), name, dtype, d, consts, warps, stages
+            fp32 = dtype == "fp32"
+            prec = kernels.dot_precision(fp32)
+            bm, bn, warps, stages = kernels._cfg_for(d, cc // 10, "fwd", fp32)
+            yield (kernels._fwd_kernel, "_fwd_kernel", dtype, d,
+                   dict(CAUSAL=True, WINDOW=0, HAS_KPM=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d,
+                        EVEN_D=True, PREC=prec, UPCAST=False), warps, stages)
+            bm1, bn1, warps, stages = kernels._cfg_for(d, cc // 10, "dkdv", fp32)
+            bm2, bn2, _, _ = kernels._cfg_for(d, cc // 10, "dq", fp32)
+            yield (kernels._bwd_kernel, "_bwd_kernel", dtype, d,
+                   dict(CAUSAL=True, WINDOW=0, HAS_KPM=True, HAS_PROBES=True, BLOCK_M1=bm1,
+                        BLOCK_N1=bn1, BLOCK_M2=bm2, BLOCK_N2=bn2, BLOCK_D=d, BLOCK_R=16,
+                        EVEN_D=True, PREC=prec, UPCAST=False, BLOCK_M=bm1, BLOCK_N=bn1),
+                   warps, stages)
 
 
 def probe_configs(dtypes=("bf16", "fp32"), dims=(64, 128)):
@@ -106,7 +128,7 @@ def small_configs(dtypes=("bf16", "fp32"), dims=(64, 128)):
                    dict(CAUSAL=True, WINDOW=0, HAS_KPM=True, FULL_ROWS=False, BLOCK_C=128,
                         BLOCK_D=d, BLOCK_M=1, BLOCK_N=128), 4, 1)
             yield (kernels._delta_kernel, "_delta_kernel", dtype, d,
-                   dict(HAS_EXTRA=True, BLOCK_M=64, BLOCK_D=d, BLOCK_N=0), 4, 1)
+                   dict(HAS_PROBES=True, BLOCK_M=64, BLOCK_D=d, BLOCK_R=16, BLOCK_N=0), 4, 1)
 
 
 def _strip(consts, fn):

@@ -23,17 +23,21 @@ def test_kernels_compile_for_sm80_and_sm90(tmp_path):
     print(r.stdout)
     assert "all kernels compiled" in r.stdout
     rows = list(csv.DictReader(report.open()))
-    flash = [x for x in rows if x["kernel"] in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")]
-    assert len(flash) == 2 * 3 * 3 * 3  # 2 targets x 3 dtypes x 3 head dims x 3 kernels
+    flash = [x for x in rows if x["kernel"] in ("_fwd_kernel", "_bwd_kernel")]
+    assert len(flash) == 2 * 3 * 3 * 2  # 2 targets x 3 dtypes x 3 head dims x (fwd, one bwd)
     assert len(rows) - len(flash) == 2 * 2 * 5  # sm_90: 2 dtypes x 2 head dims x 5 small kernels
-    for x in rows:  # the sdpa engine's probe kernels: no spills in 16 bits (the flash kernels still
-        # spill: the report printed above shows where; issue 16)
+    for x in rows:  # the sdpa engine's probe kernels: no spills in 16 bits
         if x["kernel"].startswith("_probe_") and x["kernel"] != "_probe_kernel" \
                 and x["dtype"] == "bf16" and int(x["d"]) <= 128:
             assert int(x["spills"]) == 0 and int(x["stack"]) == 0, f"spills in {x}"
     for x in flash:
         sixteen = x["dtype"] in ("bf16", "fp16")
-        if x["cc"] == "90" and sixteen:
+        if x["cc"] == "90" and sixteen and int(x["d"]) <= 128:  # d = 256 takes mma.sync tiles
             assert int(x["hgmma"]) > 0, f"no HGMMA in {x}"
         if sixteen:
             assert int(x["hgmma"]) + int(x["hmma"]) > 0, f"no tensor-core instruction in {x}"
+        # the fused engine: no stack and no spill instruction at head dim <= 128 on sm_80 and
+        # sm_90 in 16 bits, and in the float32 backward, at the specialisation the JIT makes for
+        # aligned inputs (issue 16); the float32 forward's IEEE dots still spill at d = 128
+        if int(x["d"]) <= 128 and (sixteen or x["kernel"] == "_bwd_kernel"):
+            assert int(x["spills"]) == 0 and int(x["stack"]) == 0, f"spills in {x}"
