@@ -92,7 +92,14 @@ def _tile(base, s_l, offs, L, offs_d, D, BOUND: tl.constexpr, EVEN_D: tl.constex
 
 
 @triton.jit
-def _store_tile(base, s_l, offs, L, offs_d, D, x, EVEN_D: tl.constexpr):
+def _store_tile(base, s_l, offs, L, offs_d, D, x, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
+    """Store float32 x in base's dtype. UPCAST (bfloat16 in Triton's CPU interpreter, which casts
+    float32 to bfloat16 by truncation, twice the error of the GPU's round-to-nearest-even):
+    round to nearest even on the bits first, so the interpreter's results are the GPU's."""
+    if UPCAST:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
     ptrs = base + offs[:, None] * s_l + offs_d[None, :]
     m = offs[:, None] < L
     if not EVEN_D:
@@ -221,7 +228,7 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM,
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"),
                    (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    _store_tile(O + b * s_ob + h * s_oh, s_ol, offs_m, Lq, offs_d, D, out, EVEN_D)
+    _store_tile(O + b * s_ob + h * s_oh, s_ol, offs_m, Lq, offs_d, D, out, EVEN_D, UPCAST)
     tl.store(LSE + bh * Lq + offs_m, lse, mask=offs_m < Lq)
 
 
@@ -269,24 +276,16 @@ def _probe_kernel(Q, K, LSE, ROWS, COLS, P, KPM,
 
 
 @triton.jit
-def _delta_kernel(O, DO, DELTA, ROWS, U, s_ob, s_oh, s_ol, s_db, s_dh, s_dl, Hq, Lq, D, R,
-                  HAS_PROBES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_R: tl.constexpr):
-    """delta_i = sum_d dO_id O_id (+ u_r for every probe slot r with rows[r] = i)."""
+def _delta_kernel(O, DO, DELTA, s_ob, s_oh, s_ol, s_db, s_dh, s_dl, Hq, Lq, D,
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta_i = sum_d dO_id O_id."""
     pid_m = tl.program_id(0)
     bh, b, h, _ = _heads(Hq, 1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     o = _tile(O + b * s_ob + h * s_oh, s_ol, offs_m, Lq, offs_d, D, True, False).to(tl.float32)
     do = _tile(DO + b * s_db + h * s_dh, s_dl, offs_m, Lq, offs_d, D, True, False).to(tl.float32)
-    delta = tl.sum(o * do, 1)
-    if HAS_PROBES:
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            rows = tl.load(ROWS + b * R + offs_r, mask=offs_r < R, other=-1)
-            u = tl.load(U + bh * R + offs_r, mask=offs_r < R, other=0.0)
-            delta += tl.sum(tl.where(offs_m[:, None] == rows[None, :], u[None, :], 0.0), 1)
-    tl.store(DELTA + bh * Lq + offs_m, delta, mask=offs_m < Lq)
+    tl.store(DELTA + bh * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
 
 
 @triton.jit
@@ -342,7 +341,7 @@ def _bwd_q_inner(dq, q, do, lse2, delta, k_base, v_base, s_kl, s_vl, KPM, s_kpm_
 
 
 @triton.jit
-def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, KPM, ROWS, E, DQP,
+def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, KPM, ROWS, U, E, DQP,
                 s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_db, s_dh, s_dl,
                 s_dqb, s_dqh, s_dql, s_dkb, s_dkh, s_dkl, s_dvb, s_dvh, s_dvl,
                 s_kpm_b, Hq, Hkv, G, Lq, Lk, D, R, sm_scale, N_KV_BLOCKS,
@@ -354,9 +353,14 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, KPM, ROWS, E, DQP,
     """The whole flash backward in one launch. Axis 1: batch x key/value heads. Axis 0: the first
     N_KV_BLOCKS programs each own one key block (dK, dV summed over the G query heads of the group
     in registers, no atomics), the rest one (query head of the group, query block) each (dQ),
-    heaviest blocks first under a causal mask. Gradients are stored in the input dtype. The probe
-    direct term (docs/design.md): dK_j += s * sum_{h, r} E[h, r, j] q_{h, rows[r]} and
-    dQ_{rows[r]} += DQP[r] (= s * sum_c P_rc G_rc k_c), E = P G scattered to full rows."""
+    heaviest blocks first under a causal mask. Gradients are stored in the input dtype.
+
+    The probe gradient (docs/design.md), kept out of the flash loops: dS_rj = E_rj - u_r P_rj on
+    probe row r (E = P G scattered to full rows, u_r = sum_c P_rc G_rc). A dK/dV program adds
+    s * sum_{h, r} dS[h, r, j] q_{h, rows[r]} for its keys j, recomputing P of the R probe rows
+    against its key block (an R x BLOCK_N tile) and taking dS in two parts of the input dtype, so
+    the probe part keeps float32 accuracy; a dQ program adds DQP[r] (= s * sum_j dS_rj k_j, the
+    probe kernels' dq rows) to the rows of its block that are probe rows."""
     pid = tl.program_id(0)
     bhk, b, hk, _ = _heads(Hkv, 1)
     OFF = Lk - Lq
@@ -378,8 +382,10 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, KPM, ROWS, E, DQP,
             dk, dv = _bwd_kv_inner(dk, dv, k, v, q_base, do_base, s_ql, s_dl, LSE, DELTA, bh, KPM,
                                    s_kpm_b, b, offs_n, offs_d, lo, hi, Lq, Lk, D, OFF, qk_scale,
                                    CAUSAL, WINDOW, HAS_KPM, EVEN_D, BLOCK_M1, PREC, UPCAST)
-        _store_tile(DV + b * s_dvb + hk * s_dvh, s_dvl, offs_n, Lk, offs_d, D, dv, EVEN_D)
-        if HAS_PROBES:  # + E[h, :, keys]^T q[h, rows], after dv is stored (fewer live registers)
+        _store_tile(DV + b * s_dvb + hk * s_dvh, s_dvl, offs_n, Lk, offs_d, D, dv, EVEN_D,
+                    UPCAST)
+        if HAS_PROBES:  # after dv is stored (fewer live registers)
+            kp_ok = _key_ok(KPM, s_kpm_b, b, offs_n, Lk, HAS_KPM)
             for g in range(0, G):
                 h = hk * G + g
                 bh = b * Hq + h
@@ -387,13 +393,24 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, KPM, ROWS, E, DQP,
                 for r0 in range(0, R, BLOCK_R):
                     offs_r = r0 + tl.arange(0, BLOCK_R)
                     rows = tl.load(ROWS + b * R + offs_r, mask=offs_r < R, other=-1)
-                    qr = tl.load(q_base + tl.maximum(rows, 0)[:, None] * s_ql + offs_d[None, :],
-                                 mask=(rows[:, None] >= 0) & (offs_d[None, :] < D), other=0.0)
-                    e = tl.load(E + (bh * R + offs_r[:, None]) * Lk + offs_n[None, :],
-                                mask=(offs_r[:, None] < R) & (offs_n[None, :] < Lk), other=0.0)
-                    dk = _add_dot_f32(dk, tl.trans(e), qr, PREC, UPCAST)
+                    row_ok = (rows >= 0) & (rows < Lq)
+                    rows_c = tl.where(row_ok, rows, 0)
+                    qr = tl.load(q_base + rows_c[:, None] * s_ql + offs_d[None, :],
+                                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+                    lse = tl.load(LSE + bh * Lq + rows_c, mask=row_ok, other=float("-inf"))
+                    row_ok = row_ok & (lse != float("-inf"))
+                    lse2 = tl.where(row_ok, lse * 1.4426950408889634, 0.0)
+                    u = tl.load(U + bh * R + offs_r, mask=row_ok, other=0.0)
+                    # transposed tiles [BN, BR], as in the main loop (k stays the A operand)
+                    st = _dot(k, tl.trans(qr), PREC, UPCAST) * qk_scale
+                    ok = tl.trans(_visible(rows_c, offs_n, Lq, Lk, kp_ok, OFF, CAUSAL, WINDOW))
+                    ok = ok & row_ok[None, :]
+                    pt = tl.where(ok, tl.exp2(tl.where(ok, st - lse2[None, :], 0.0)), 0.0)
+                    et = tl.load(E + (bh * R + offs_r[None, :]) * Lk + offs_n[:, None],
+                                 mask=row_ok[None, :] & (offs_n[:, None] < Lk), other=0.0)
+                    dk = _add_dot_f32(dk, et - u[None, :] * pt, qr, PREC, UPCAST)
         _store_tile(DK + b * s_dkb + hk * s_dkh, s_dkl, offs_n, Lk, offs_d, D, dk * sm_scale,
-                    EVEN_D)
+                    EVEN_D, UPCAST)
     else:
         pid = pid - N_KV_BLOCKS
         n_m = tl.cdiv(Lq, BLOCK_M2)
@@ -425,7 +442,7 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, KPM, ROWS, E, DQP,
                           offs_m, offs_d, fh, hi, Lq, Lk, D, OFF, qk_scale, True, CAUSAL,
                           WINDOW, HAS_KPM, EVEN_D, BLOCK_N2, PREC, UPCAST)
         dq = dq * sm_scale
-        if HAS_PROBES:  # + DQP[r] on the rows of this block that are probe rows
+        if HAS_PROBES:  # + DQP[r] on the rows of this block that are probe rows (already scaled)
             for r0 in range(0, R, BLOCK_R):
                 offs_r = r0 + tl.arange(0, BLOCK_R)
                 rows = tl.load(ROWS + b * R + offs_r, mask=offs_r < R, other=-1)
@@ -440,7 +457,7 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, KPM, ROWS, E, DQP,
                     hit = hit.to(q.dtype)
                     dq = dq + _dot(hit, p_hi, PREC, UPCAST)
                     dq = dq + _dot(hit, p_lo, PREC, UPCAST)
-        _store_tile(DQ + b * s_dqb + h * s_dqh, s_dql, offs_m, Lq, offs_d, D, dq, EVEN_D)
+        _store_tile(DQ + b * s_dqb + h * s_dqh, s_dql, offs_m, Lq, offs_d, D, dq, EVEN_D, UPCAST)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -622,9 +639,10 @@ def attention_bwd(q, k, v, out, lse, dout, key_padding_mask=None, *, causal=True
     dq [B,Hq,Lq,D], dk, dv [B,Hkv,Lk,D] in the input dtype (float32 accumulation inside).
 
     The probe gradient, all four or none: probe_rows [B,R] int64 (-1 = unused slot); probe_u
-    [B,Hq,R] float32 = sum_c P_rc G_rc (added to delta of row rows[r]); probe_e [B,Hq,R,Lk]
-    float32 = P G scattered to full rows (the direct term into dk); probe_dq [B,Hq,R,D] float32 =
-    scale * sum_c P_rc G_rc k_c (the direct term into dq row rows[r]). Duplicate rows add."""
+    [B,Hq,R] float32 = sum_c P_rc G_rc; probe_e [B,Hq,R,Lk] float32 = P G scattered to full rows;
+    probe_dq [B,Hq,R,D] float32 = the probe rows' dq, s * sum_j (E_rj - u_r P_rj) k_j
+    (``kernels.probes.probe_rows_dq``). The dK / dV programs add the probe part of dk; the dQ
+    programs add probe_dq[r] to row rows[r] (duplicate rows add)."""
     q, k, v, kpm = _prep(q, k, v, key_padding_mask)
     out = out if out.stride(-1) == 1 else out.contiguous()
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
@@ -642,8 +660,8 @@ def attention_bwd(q, k, v, out, lse, dout, key_padding_mask=None, *, causal=True
     delta = torch.empty(a.b, a.hq, a.lq, dtype=torch.float32, device=q.device)
     bm_d = 16 if _interpreting() else 64
     _delta_kernel[(triton.cdiv(a.lq, bm_d), a.b * a.hq)](
-        out, dout, delta, rows, u, *out.stride()[:3], *dout.stride()[:3], a.hq, a.lq, a.d, r,
-        HAS_PROBES=probes, BLOCK_M=bm_d, BLOCK_D=a.block_d, BLOCK_R=16)
+        out, dout, delta, *out.stride()[:3], *dout.stride()[:3], a.hq, a.lq, a.d,
+        BLOCK_M=bm_d, BLOCK_D=a.block_d)
     dq = torch.empty(a.b, a.hq, a.lq, a.d, dtype=q.dtype, device=q.device)
     dk = torch.empty(a.b, a.hkv, a.lk, a.d, dtype=k.dtype, device=q.device)
     dv = torch.empty(a.b, a.hkv, a.lk, a.d, dtype=v.dtype, device=q.device)
@@ -652,7 +670,7 @@ def attention_bwd(q, k, v, out, lse, dout, key_padding_mask=None, *, causal=True
     n_kv = triton.cdiv(a.lk, bn1)
     grid = (n_kv + a.group * triton.cdiv(a.lq, bm2), a.b * a.hkv)
     _bwd_kernel[grid](
-        q, k, v, dout, lse, delta, dq, dk, dv, a.kpm, rows, e, dqp,
+        q, k, v, dout, lse, delta, dq, dk, dv, a.kpm, rows, u, e, dqp,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
         *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], a.s_kpm, a.hq, a.hkv, a.group,
         a.lq, a.lk, a.d, r, scale, n_kv, **a.flags, HAS_PROBES=probes, BLOCK_M1=bm1,

@@ -345,9 +345,33 @@ def probe_rows_bwd(q, k, rows, lse, u, e, key_padding_mask=None, *, causal=True,
     _probe_dk_kernel[(triton.cdiv(lk, bn), b * hkv)](q, k, rows, lse, u, e, dk, kpm, *common,
                                                      *dk.stride()[:3], *sizes, **meta,
                                                      ACCUMULATE=dk_out is not None)
-    _probe_dq_kernel[(triton.cdiv(g * r, bm), b * hkv)](q, k, rows, lse, u, e, dq, kpm, *common,
-                                                        *sizes, **meta)
+    _launch_dq(q, k, rows, lse, u, e, dq, kpm, s_kpm, scale, key_padding_mask, causal, window)
     return dq, dk
+
+
+def _launch_dq(q, k, rows, lse, u, e, dq, kpm, s_kpm, scale, key_padding_mask, causal, window):
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    g, r = hq // hkv, rows.shape[1]
+    bm, bn = _tiles(g * r, q.device)
+    _probe_dq_kernel[(triton.cdiv(g * r, bm), b * hkv)](
+        q, k, rows, lse, u, e, dq, kpm, *q.stride()[:3], *k.stride()[:3], s_kpm, hq, g, lq, lk,
+        d, r, scale, **_flags(key_padding_mask, causal, window), BLOCK_M=bm, BLOCK_N=bn,
+        BLOCK_D=padded_head_dim(d), **_dots(q), num_warps=4)
+
+
+def probe_rows_dq(q, k, rows, lse, u, e, key_padding_mask=None, *, causal=True, window=None,
+                  scale=None):
+    """The probe rows' dq alone (as ``probe_rows_bwd``, without dk): [B,Hq,R,D] float32, 0 on
+    unused slots and rows with no visible key. lse [B,Hq,R] is the probe rows' lse."""
+    q, k, kpm, s_kpm = _prep(q, k, key_padding_mask)
+    b, hq, _, d = q.shape
+    scale = d ** -0.5 if scale is None else float(scale)
+    dq = torch.zeros(b, hq, rows.shape[1], d, dtype=torch.float32, device=q.device)
+    if rows.shape[1]:
+        _launch_dq(q, k, rows.contiguous(), lse.contiguous(), u.contiguous(), e.contiguous(), dq,
+                   kpm, s_kpm, scale, key_padding_mask, causal, window)
+    return dq
 
 
 __all__ = ["accepts_dk_out", "probe_rows_fwd", "probe_rows_bwd"]

@@ -128,7 +128,7 @@ def small_configs(dtypes=("bf16", "fp32"), dims=(64, 128)):
                    dict(CAUSAL=True, WINDOW=0, HAS_KPM=True, FULL_ROWS=False, BLOCK_C=128,
                         BLOCK_D=d, BLOCK_M=1, BLOCK_N=128), 4, 1)
             yield (kernels._delta_kernel, "_delta_kernel", dtype, d,
-                   dict(HAS_PROBES=True, BLOCK_M=64, BLOCK_D=d, BLOCK_R=16, BLOCK_N=0), 4, 1)
+                   dict(BLOCK_M=64, BLOCK_D=d, BLOCK_N=0), 4, 1)
 
 
 def _strip(consts, fn):

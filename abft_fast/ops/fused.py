@@ -19,7 +19,6 @@ import torch
 from .probe_math import (
     add_probe_direct,
     probe_delta_extra,
-    probe_dq_rows,
     probe_probs_from_lse,
 )
 from .probe_ops import grad_inputs
@@ -44,15 +43,19 @@ class TritonEngine:
 
     @staticmethod
     def backward(q, k, v, out, lse, dout, spec: AttentionSpec, probs, dprobs):
-        """One kernel launch after the delta pre-pass; the probe terms go into the kernels (u_r
-        into delta, the direct term into dq / dk) and the gradients come out in the input dtype."""
+        """The probe rows' dq by the probe kernel, then the delta pre-pass and one launch for the
+        whole backward, which adds the probe part of dk and the probe rows' dq before its single
+        rounding to the input dtype."""
         from ..kernels import attention as kernels
         probe = {}
         if dprobs is not None:
+            from ..kernels.probes import probe_rows_dq
             u, e = grad_inputs(probs, dprobs, spec.probe_cols, spec.k_len)
-            ds = e if spec.probe_cols is None else probs * dprobs.to(probs.dtype)
-            probe = dict(probe_rows=spec.probe_rows, probe_u=u, probe_e=e,
-                         probe_dq=probe_dq_rows(ds, k, spec))
+            rows = spec.probe_rows
+            lse_rows = torch.gather(lse, 2, rows.clamp(min=0)[:, None, :].expand(*u.shape))
+            dq_rows = probe_rows_dq(q, k, rows, lse_rows, u, e, spec.key_padding_mask,
+                                    causal=spec.causal, window=spec.window, scale=spec.scale)
+            probe = dict(probe_rows=rows, probe_u=u, probe_e=e, probe_dq=dq_rows)
         return kernels.attention_bwd(q, k, v, out, lse, dout, spec.key_padding_mask,
                                      causal=spec.causal, window=spec.window, scale=spec.scale,
                                      **probe)

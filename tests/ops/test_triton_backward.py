@@ -84,14 +84,13 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
 def test_probe_gradient_alone_matches_reference(case, dtype):
     """Only the probes get a gradient (dO = 0, as in ABFT, which has no LM loss): dq / dk come from
-    u_r in the delta pre-pass and the direct terms alone, the parts this change moved into the
-    kernels; dv must be exactly 0. bfloat16 is left out on purpose: the flash dots take dS rounded
-    to bfloat16 (8 bits) where the torch backend keeps the probe rows' dS in float32, and measured
-    here the probe-only dq / dk errors are 1.5x the torch backend's on average and up to 2.0x
-    (docs/build-report.md); float16's 11 bits give 1.0-1.2x."""
+    the probe terms alone, which the kernel keeps out of its 16-bit flash dots (dS in two parts of
+    the input dtype); dv must be exactly 0. Before that, bfloat16 dq / dk were 1.5x the torch
+    backend's error on average and up to 2.0x."""
     inp = make_inputs(case, _fresh())
     inp["do"] = torch.zeros_like(inp["do"])
     ref = reference(case, inp)
