@@ -518,22 +518,22 @@ def _cfg_for(d_pad: int, major: int, kind: str, fp32: bool = False):
     """Shipped tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward ("fwd") and of the
     backward's dK/dV ("dkdv") and dQ ("dq") programs; the backward is one launch, so its warps and
     stages are dkdv's. Chosen by compiling candidates ahead of time (tests/aot_compile.py, the
-    JIT's specialisation) for no stack and no spill: every 16-bit configuration at d <= 128 on
-    sm_80 and sm_90, and the float32 backward; the float32 forward (IEEE dots on CUDA cores)
-    still spills at d = 128 at every tile tried. Not yet timed on a GPU (bench/tune_tiles.py)."""
+    JIT's specialisation) for no stack and no spill in any of them (3 dtypes x d 64 / 128 / 256
+    x sm_80 / sm_90). Not yet timed on a GPU (bench/tune_tiles.py)."""
     big = d_pad > 128
-    if fp32:
+    if fp32:  # IEEE dots on CUDA cores: small tiles, mostly 8 warps (4 spill on sm_90)
         if kind == "fwd":
-            return (16, 32, 4, 2) if d_pad > 64 else (32, 32, 4, 2)
-        return (16, 32, 4, 2) if kind == "dkdv" else (32, 16, 4, 2)
+            return (16, 32, 8, 2) if big else (16, 64, 8, 2)
+        warps = 4 if major < 9 and 64 < d_pad <= 128 else 8  # sm_80 d 128 spills with 8
+        return (16, 32, warps, 2) if kind == "dkdv" else (32, 16, warps, 2)
     if kind == "fwd":
         if big:
-            return (64, 64, 8, 2) if major >= 9 else (64, 32, 4, 2)
+            return (64, 64, 8, 2) if major >= 9 else (64, 32, 8, 2)
         if major >= 9 or d_pad <= 64:
             return 128, 64, 8, 3
         return 64, 64, 4, 3
     if big:  # wgmma's 64-row tiles spill at d = 256 (measured); these take mma.sync
-        return (16, 32, 4, 2) if kind == "dkdv" else (32, 16, 4, 2)
+        return (16, 32, 8, 2) if kind == "dkdv" else (32, 16, 8, 2)
     if major >= 9:
         return (32, 128, 8, 2) if kind == "dkdv" else (128, 64, 8, 2)
     return (32, 64, 8, 2) if kind == "dkdv" else (64, 32, 8, 2)
