@@ -160,16 +160,21 @@ def _add_dot_f32(acc, a, x, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, s_kl, s_vl, KPM, s_kpm_b, b, offs_m, offs_d,
-               lo, hi, Lq, Lk, D, OFF, qk_scale,
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, s_kl, s_vl, KD, VD, hk, KPM, s_kpm_b, b, offs_m,
+               offs_d, lo, hi, Lq, Lk, D, OFF, qk_scale,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                HAS_KPM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
-               PREC: tl.constexpr, UPCAST: tl.constexpr):
+               BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+               USE_TMA: tl.constexpr):
     """Online softmax over key blocks [lo, hi); MASKED applies causal / window / bounds (boundary
-    blocks), else only the padding mask (whole visible blocks)."""
+    blocks), else only the padding mask (whole visible blocks). USE_TMA: K and V tiles come
+    through the tensor descriptors KD / VD ([B, Hkv, Lk, D], zero-filled out of bounds)."""
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _tile(k_base, s_kl, offs_n, Lk, offs_d, D, MASKED, EVEN_D)
+        if USE_TMA:
+            k = KD.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        else:
+            k = _tile(k_base, s_kl, offs_n, Lk, offs_d, D, MASKED, EVEN_D)
         s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
         if MASKED:
             kp_ok = _key_ok(KPM, s_kpm_b, b, offs_n, Lk, HAS_KPM)
@@ -184,19 +189,26 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, s_kl, s_vl, KPM, s_kpm_b, b, of
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _tile(v_base, s_vl, offs_n, Lk, offs_d, D, MASKED, EVEN_D)
+        if USE_TMA:
+            v = VD.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        else:
+            v = _tile(v_base, s_vl, offs_n, Lk, offs_d, D, MASKED, EVEN_D)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, UPCAST)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, KPM,
+def _fwd_kernel(Q, K, V, O, LSE, KPM, QD, KD, VD,
                 s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_ob, s_oh, s_ol, s_kpm_b,
                 Hq, G, Lq, Lk, D, sm_scale,
                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                EVEN_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                EVEN_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                USE_TMA: tl.constexpr):
+    """O and lse of one query block (axis 0) of one (batch, query head) (axis 1). USE_TMA (opt-in,
+    sm_90): Q, K and V tiles through tensor descriptors QD / KD / VD (Hopper's TMA engine),
+    else pointer loads; the maths is the same."""
     # causal: the heaviest query blocks (the last ones, which see the most keys) start first
     pid_m = tl.program_id(0)
     if CAUSAL:
@@ -206,24 +218,31 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM,
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _tile(Q + b * s_qb + h * s_qh, s_ql, offs_m, Lq, offs_d, D, True, EVEN_D)
+    if USE_TMA:
+        q = QD.load([b.to(tl.int32), h.to(tl.int32), m0, 0]).reshape(BLOCK_M, BLOCK_D)
+    else:
+        q = _tile(Q + b * s_qb + h * s_qh, s_ql, offs_m, Lq, offs_d, D, True, EVEN_D)
     k_base = K + b * s_kb + hk * s_kh
     v_base = V + b * s_vb + hk * s_vh
+    b32, hk32 = b.to(tl.int32), hk.to(tl.int32)
     qk_scale = sm_scale * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo, fl, fh, hi = _key_split(m0, Lk, OFF, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
     if WINDOW > 0:  # the window's lower edge
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, s_kl, s_vl, KPM, s_kpm_b, b,
-                                   offs_m, offs_d, lo, fl, Lq, Lk, D, OFF, qk_scale, True, CAUSAL,
-                                   WINDOW, HAS_KPM, EVEN_D, BLOCK_N, PREC, UPCAST)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, s_kl, s_vl, KPM, s_kpm_b, b,
-                               offs_m, offs_d, fl, fh, Lq, Lk, D, OFF, qk_scale, False, CAUSAL,
-                               WINDOW, HAS_KPM, EVEN_D, BLOCK_N, PREC, UPCAST)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, s_kl, s_vl, KPM, s_kpm_b, b,
-                               offs_m, offs_d, fh, hi, Lq, Lk, D, OFF, qk_scale, True, CAUSAL,
-                               WINDOW, HAS_KPM, EVEN_D, BLOCK_N, PREC, UPCAST)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, s_kl, s_vl, KD, VD, hk32, KPM,
+                                   s_kpm_b, b32, offs_m, offs_d, lo, fl, Lq, Lk, D, OFF, qk_scale,
+                                   True, CAUSAL, WINDOW, HAS_KPM, EVEN_D, BLOCK_N, BLOCK_D, PREC,
+                                   UPCAST, USE_TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, s_kl, s_vl, KD, VD, hk32, KPM,
+                               s_kpm_b, b32, offs_m, offs_d, fl, fh, Lq, Lk, D, OFF, qk_scale,
+                               False, CAUSAL, WINDOW, HAS_KPM, EVEN_D, BLOCK_N, BLOCK_D, PREC,
+                               UPCAST, USE_TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, s_kl, s_vl, KD, VD, hk32, KPM,
+                               s_kpm_b, b32, offs_m, offs_d, fh, hi, Lq, Lk, D, OFF, qk_scale,
+                               True, CAUSAL, WINDOW, HAS_KPM, EVEN_D, BLOCK_N, BLOCK_D, PREC,
+                               UPCAST, USE_TMA)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"),
@@ -523,7 +542,7 @@ def _cfg_for(d_pad: int, major: int, kind: str, fp32: bool = False):
     big = d_pad > 128
     if fp32:  # IEEE dots on CUDA cores: small tiles, mostly 8 warps (4 spill on sm_90)
         if kind == "fwd":
-            return (16, 32, 8, 2) if big else (16, 64, 8, 2)
+            return (16, 16, 8, 2) if big else (16, 64, 8, 2)
         warps = 4 if major < 9 and 64 < d_pad <= 128 else 8  # sm_80 d 128 spills with 8
         return (16, 32, warps, 2) if kind == "dkdv" else (32, 16, warps, 2)
     if kind == "fwd":
@@ -590,6 +609,39 @@ def _launch(q, k, kpm, causal, window) -> _Launch:
         upcast=_interpreting() and q.dtype == torch.bfloat16)
 
 
+_TMA_FORCE: list = []  # tests: [True] runs the descriptor path in the interpreter too
+
+
+def use_tma(*tensors) -> bool:
+    """Whether the forward loads through tensor descriptors (TMA): opt-in with ABFT_FAST_TMA=1,
+    on sm_90 or newer (or in the interpreter when a test forces it), 16-bit inputs whose base
+    addresses and non-unit strides are 16-byte aligned (TMA's rule) with a unit last stride.
+    Off by default until timed against the pointer path on a GPU."""
+    if _TMA_FORCE:
+        on = _TMA_FORCE[-1]
+    else:
+        on = os.environ.get("ABFT_FAST_TMA") == "1" and not _interpreting()
+        on = on and tensors[0].device.type == "cuda" and _major(
+            tensors[0].device.index if tensors[0].device.index is not None
+            else torch.cuda.current_device()) >= 9
+    if not on:
+        return False
+    for t in tensors:
+        if t.dtype not in (torch.float16, torch.bfloat16) or t.stride(-1) != 1:
+            return False
+        size = t.element_size()
+        if t.data_ptr() % 16 or any((st * size) % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _descriptor(t, rows: int, block_d: int):
+    """A host-side tensor descriptor of a [B, H, L, D] tensor with [1, 1, rows, block_d] boxes
+    (out-of-bounds reads give 0)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, block_d])
+
+
 def attention_fwd(q, k, v, key_padding_mask=None, *, causal=True, window=None, scale=None):
     """q [B,Hq,Lq,D], k/v [B,Hkv,Lk,D] (fp16/bf16/fp32) -> out [B,Hq,Lq,D], lse [B,Hq,Lq] fp32.
 
@@ -601,11 +653,14 @@ def attention_fwd(q, k, v, key_padding_mask=None, *, causal=True, window=None, s
     lse = torch.empty(a.b, a.hq, a.lq, dtype=torch.float32, device=q.device)
     bm, bn, warps, stages = _cfg(a.block_d, q.device, "fwd", q.dtype)
     grid = (triton.cdiv(a.lq, bm), a.b * a.hq)
-    _fwd_kernel[grid](q, k, v, out, lse, a.kpm,
+    tma = use_tma(q, k, v)
+    descs = ((_descriptor(q, bm, a.block_d), _descriptor(k, bn, a.block_d),
+              _descriptor(v, bn, a.block_d)) if tma else (None, None, None))
+    _fwd_kernel[grid](q, k, v, out, lse, a.kpm, *descs,
                       *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
                       a.s_kpm, a.hq, a.group, a.lq, a.lk, a.d, scale, **a.flags, BLOCK_M=bm,
                       BLOCK_N=bn, BLOCK_D=a.block_d, EVEN_D=a.d == a.block_d, PREC=a.prec,
-                      UPCAST=a.upcast, num_warps=warps, num_stages=stages)
+                      UPCAST=a.upcast, USE_TMA=tma, num_warps=warps, num_stages=stages)
     return out, lse
 
 

@@ -24,7 +24,7 @@ import abft_fast.kernels.probes as probe_kernels
 
 PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 FIELDS = ("cc", "dtype", "d", "kernel", "BLOCK_M", "BLOCK_N", "warps", "stages", "shared", "regs",
-          "stack", "spills", "hgmma", "hmma")
+          "stack", "spills", "hgmma", "hmma", "tma")
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                          "cuobjdump")
 
@@ -66,7 +66,8 @@ def sass_stats(compiled) -> dict:
     m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     return dict(regs=int(m[1]), stack=int(m[2]),
                 spills=len(re.findall(r"\b(?:LDL|STL)(?:\.\w+)*\b", sass)),
-                hgmma=len(re.findall(r"\bHGMMA\b", sass)), hmma=len(re.findall(r"\bHMMA\b", sass)))
+                hgmma=len(re.findall(r"\bHGMMA\b", sass)), hmma=len(re.findall(r"\bHMMA\b", sass)),
+                tma=len(re.findall(r"\bUTMALDG\b", sass)))
 
 
 def jit_attrs(fn, sig):
@@ -76,11 +77,18 @@ def jit_attrs(fn, sig):
     it the compiler cannot vectorise a load and the report shows spills that the kernels launched
     at run time do not have. Lengths (Lq, Lk, D, R, ...) stay unhinted."""
     return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-            if sig[n] != "constexpr" and (sig[n].startswith("*") or n.startswith("s_"))}
+            if sig[n].startswith("*") or (n.startswith("s_") and sig[n] != "constexpr")}
 
 
 def _compile(fn, dtype, consts, target, warps, stages):
     sig = signature(fn, dtype, consts)
+    if consts.get("USE_TMA"):  # the forward's Q, K, V through tensor descriptors
+        rows = dict(QD=consts["BLOCK_M"], KD=consts["BLOCK_N"], VD=consts["BLOCK_N"])
+        for n, r in rows.items():
+            sig[n] = f"tensordesc<{dtype}[1,1,{r},{consts['BLOCK_D']}]>"
+    elif "QD" in sig:
+        sig.update(QD="constexpr", KD="constexpr", VD="constexpr")
+        consts = dict(consts, QD=None, KD=None, VD=None)
     src = ASTSource(fn, sig, consts, jit_attrs(fn, sig))
     return triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
 
@@ -93,9 +101,12 @@ def flash_configs(cc: int, dtypes=("bf16", "fp16", "fp32"), dims=(64, 128, 256))
             fp32 = dtype == "fp32"
             prec = kernels.dot_precision(fp32)
             bm, bn, warps, stages = kernels._cfg_for(d, cc // 10, "fwd", fp32)
-            yield (kernels._fwd_kernel, "_fwd_kernel", dtype, d,
-                   dict(CAUSAL=True, WINDOW=0, HAS_KPM=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d,
-                        EVEN_D=True, PREC=prec, UPCAST=False), warps, stages)
+            fwd = dict(CAUSAL=True, WINDOW=0, HAS_KPM=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d,
+                       EVEN_D=True, PREC=prec, UPCAST=False, USE_TMA=False)
+            yield kernels._fwd_kernel, "_fwd_kernel", dtype, d, fwd, warps, stages
+            if cc >= 90 and not fp32:  # the opt-in TMA forward (ABFT_FAST_TMA=1)
+                yield (kernels._fwd_kernel, "_fwd_kernel_tma", dtype, d, dict(fwd, USE_TMA=True),
+                       warps, stages)
             bm1, bn1, warps, stages = kernels._cfg_for(d, cc // 10, "dkdv", fp32)
             bm2, bn2, _, _ = kernels._cfg_for(d, cc // 10, "dq", fp32)
             yield (kernels._bwd_kernel, "_bwd_kernel", dtype, d,

@@ -25,7 +25,11 @@ def test_kernels_compile_for_sm80_and_sm90(tmp_path):
     rows = list(csv.DictReader(report.open()))
     flash = [x for x in rows if x["kernel"] in ("_fwd_kernel", "_bwd_kernel")]
     assert len(flash) == 2 * 3 * 3 * 2  # 2 targets x 3 dtypes x 3 head dims x (fwd, one bwd)
-    assert len(rows) - len(flash) == 2 * 2 * 5  # sm_90: 2 dtypes x 2 head dims x 5 small kernels
+    tma = [x for x in rows if x["kernel"] == "_fwd_kernel_tma"]
+    assert len(tma) == 2 * 3  # sm_90: fp16 / bf16 x 3 head dims
+    for x in tma:  # the opt-in TMA forward: its loads are TMA loads, and it does not spill
+        assert int(x["tma"]) > 0 and int(x["spills"]) == 0 and int(x["stack"]) == 0, x
+    assert len(rows) - len(flash) - len(tma) == 2 * 2 * 5  # sm_90: 2 dtypes x 2 dims x 5 small
     for x in rows:  # the sdpa engine's probe kernels: no spills in 16 bits
         if x["kernel"].startswith("_probe_") and x["kernel"] != "_probe_kernel" \
                 and x["dtype"] == "bf16" and int(x["d"]) <= 128:
