@@ -139,9 +139,9 @@ def choose_backend(device: torch.device, dtype: torch.dtype, spec: AttentionSpec
     - CUDA, unmasked (no padding, no window; causal Lq < Lk allowed): sdpa, i.e. PyTorch's best
       SDPA kernel for the output plus the Triton probe kernels, then torch.
     - CUDA with padding or a window: the fused Triton kernel, then torch (which never builds
-      L x L). The fused CUDA C++ kernels that backend="cuda" runs for these cases are not in the
-      list: measured on an H100 (bench/results/summary.md, bf16 causal L 4096) they took 51 ms
-      where the torch backend took 4.2 ms.
+      L x L). backend="cuda" (SDPA through the torch backend + CUDA C++ probe kernels) is not in
+      the list: it has not been timed against torch on a GPU (the fused CUDA kernels it ran
+      before took 51 ms where the torch backend took 4.2 ms, H100, bf16 causal L 4096).
     """
     if device.type != "cuda" or dtype == torch.float64:
         return ["torch"]
