@@ -7,18 +7,22 @@ kpm[b, j] (when given), j <= i + OFF (when causal) and j > i + OFF - WINDOW (whe
 A query with no visible key gets O = 0 and lse = -inf.
 
 Kernels (no autograd here):
-  _fwd_kernel      O and lse by the online softmax, key blocks outside the causal / window band
-                   are skipped.
+  _fwd_kernel      O and lse by the online softmax. Key blocks outside the causal / window band
+                   are skipped; whole blocks that every row of the query block sees run without
+                   causal / window / bounds masks, boundary blocks with them; the heaviest causal
+                   query blocks start first. Opt-in TMA loads (``use_tma``).
   _probe_kernel    P[r, c] = exp(scale q_r . k_c - lse_r) for R probe rows x C probe columns:
                    R x C x D work, no L x L matrix.
-  _delta_kernel    delta_i = sum_d dO_id O_id + extra_i (extra carries the probe-gradient term, see
-                   abft_fast/ops/probe_math.py for the derivation).
-  _bwd_dkdv_kernel dK, dV for one key block, looping over the G query heads of its group and the
-                   visible query blocks (no atomics: the group sum happens in registers).
-  _bwd_dq_kernel   dQ for one query block.
+  _delta_kernel    delta_i = sum_d dO_id O_id.
+  _bwd_kernel      the whole backward in one launch: dK / dV programs (one key block each,
+                   looping over the G query heads of its group and the visible query blocks; no
+                   atomics: the group sum happens in registers) and dQ programs (one (group head,
+                   query block) each), plus the probe gradient kept out of the 16-bit flash dots
+                   (docs/design.md, "fused probes"). Gradients are stored in the input dtype.
 The backward recomputes P = exp(S - lse) from the stored lse and uses dS = P (dP - delta).
 Everything accumulates in float32; 16-bit inputs feed the tensor-core dots in their own dtype,
 float32 inputs use IEEE float32 dots (no TF32), so results match PyTorch's float32 matmul.
+Tiles: ``_cfg_for`` (no register spills in any shipped configuration: docs/build-report.md).
 """
 from __future__ import annotations
 
@@ -147,10 +151,10 @@ def _query_range(n0, Lq, OFF, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_
 
 @triton.jit
 def _add_dot_f32(acc, a, x, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a (float32) @ x (input dtype) on tensor cores, for the probe direct terms: in 16 bits
-    a goes in as two parts of x's dtype (a rounded, then its remainder), so the small probe terms
-    keep about float32 accuracy for one more small dot. Each dot accumulates into acc (no
-    temporary tile: one would spill on sm_90)."""
+    """acc + a (float32) @ x (input dtype) on tensor cores, for the probe gradient: in 16 bits a
+    goes in as two parts of x's dtype (a rounded, then its remainder), so the probe terms keep
+    about float32 accuracy for one more small dot. Each dot accumulates into acc (no temporary
+    tile: one would spill on sm_90)."""
     if x.dtype == tl.float32:
         return acc + _dot(a, x, PREC, UPCAST)
     hi = a.to(x.dtype)
