@@ -1,7 +1,10 @@
-"""The fused Triton backward's structure (issue 16): one launch after the delta pre-pass, gradients
-written in the input dtype by the kernel (no float32 gradient tensors, no casts after it), the
-probe terms inside the kernels (no dense probe tensors of the gradients' size), and the probe
-direct term checked alone against float64 (an output loss of zero). Interpreter on the CPU."""
+"""The fused Triton backward's structure (issue 16): the flash backward is one launch after the
+delta pre-pass (with probe gradients, the probe rows' dq comes from one more small kernel, the
+sdpa engine's probe dq kernel), gradients are written in the input dtype by the kernel (no float32
+gradient tensors, no casts after it), the probe terms are inside the kernels (no dense probe
+tensors of the gradients' size), the probe-only gradient is checked alone against float64 (an
+output loss of zero, ABFT's case), and the opt-in TMA forward equals the pointer forward.
+Interpreter on the CPU."""
 import pytest
 import torch
 from cases import Case, check_rule, make_inputs, reference, run
