@@ -191,6 +191,14 @@ def test_loss_equals_loop_of_single_row_losses_on_eager(task, tok, use_filter):
 # ----------------------------------------------------------------------------- trainer / CLI
 
 
+def _first_step_items(task, tok):
+    """The encoded prompts of the trainer's first step at train_prompts=4, batch=4, seed=3, in
+    the order it collates them (shortest first)."""
+    enc = data.encode(tok, data.training_prompts(task, 4, 4, seed=3))
+    order = trainer._Order(len(enc), 3)
+    return sorted((enc[i] for i in order.take(4)), key=lambda e: len(e.input_ids))
+
+
 def test_multi_query_off_is_bitwise_the_paper_loss(task, tok):
     """With multi_query off the trainer's step loss is bitwise ``abft_loss`` on ``collate``'s
     batch (the code path of before the option), and the run's fingerprint config is unchanged."""
@@ -199,9 +207,7 @@ def test_multi_query_off_is_bitwise_the_paper_loss(task, tok):
     cfg = trainer.TrainConfig(train_prompts=4, steps=1, batch=4, micro_batch=4, lr=1e-3, seed=3)
     assert cfg.multi_query is False and "multi_query" not in trainer._fingerprint_config(cfg)
     res = trainer.train(model, tok, task, cfg, progress=False)
-    enc = data.encode(tok, data.training_prompts(task, 4, 4, seed=3))
-    order = trainer._Order(len(enc), 3)
-    items = sorted((enc[i] for i in order.take(4)), key=lambda e: len(e.input_ids))
+    items = _first_step_items(task, tok)
     fresh = llama(tok)
     fresh.load_state_dict(state)
     b = data.collate(items, tok.pad_token_id)
@@ -223,9 +229,7 @@ def test_multi_query_training_step(task, tok):
     cfg = trainer.TrainConfig(train_prompts=4, steps=1, batch=4, micro_batch=4, lr=1e-3, seed=3,
                               multi_query=True, use_filter=False, use_pid=False)
     res = trainer.train(model, tok, task, cfg, progress=False)
-    enc = data.encode(tok, data.training_prompts(task, 4, 4, seed=3))
-    order = trainer._Order(len(enc), 3)
-    items = sorted((enc[i] for i in order.take(4)), key=lambda e: len(e.input_ids))
+    items = _first_step_items(task, tok)
     fresh = llama(tok)
     fresh.load_state_dict(state)
     mb = data.collate_multi_query(items, tok.pad_token_id)
