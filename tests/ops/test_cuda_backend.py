@@ -511,18 +511,23 @@ def test_emulated_probe_kernels_head_dims(emu, d, dtype):
     check_rule(run(_emu_fn(emu, "probes"), case, inp, dtype), tor, ref, floor=_floor(dtype))
 
 
+def _count_calls(monkeypatch, owner, name) -> list:
+    """Wrap ``owner.name`` so that every call appends 1 to the returned list (and still runs)."""
+    calls, real = [], getattr(owner, name)
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+    monkeypatch.setattr(owner, name, spy)
+    return calls
+
+
 def test_emulated_backend_routes(emu, monkeypatch):
     """cuda_backend.attention (the extension swapped for the emulated one): unmasked and masked
     calls alike take the torch backend's SDPA output + the CUDA probe op, never the fused kernels;
     the same numbers as the explicit route "probes"."""
     monkeypatch.setattr(cuda_backend, "_ext", emu)
-    calls = []
-    real_op = cuda_backend.fused.attention
-
-    def spy(*a, **kw):
-        calls.append("fused")
-        return real_op(*a, **kw)
-    monkeypatch.setattr(cuda_backend.fused, "attention", spy)
+    calls = _count_calls(monkeypatch, cuda_backend.fused, "attention")
     for case in [Case(2, 4, 2, 26, 40, 32, r=3, c=4),
                  Case(2, 4, 2, 26, 26, 32, padding="left", r=3, c=4),
                  Case(2, 4, 2, 30, 30, 32, window=5, r=3, c=None),
@@ -713,13 +718,7 @@ def test_emulated_sdpa_engine_with_cuda_probe_kernels(emu, monkeypatch, case, dt
     monkeypatch.setattr(cuda_backend, "_ext", emu)
     monkeypatch.setattr(sdpa_backend, "_triton_probes", lambda q: False)
     monkeypatch.setattr(api, "cuda_ext_available", lambda dev: (True, ""))
-    calls = []
-    real = cuda_backend.probe_rows_op
-
-    def spy(*a):
-        calls.append(1)
-        return real(*a)
-    monkeypatch.setattr(cuda_backend, "probe_rows_op", spy)
+    calls = _count_calls(monkeypatch, cuda_backend, "probe_rows_op")
     inp = make_inputs(case, _fresh())
     ref = reference(case, inp)
     tor = run(attention_fn("torch"), case, inp, dtype)
@@ -879,13 +878,7 @@ def test_cuda_gpu_auto_skips_the_fused_cuda_kernels_when_triton_is_unusable(monk
     api = importlib.import_module("abft_fast.ops.attention")  # the module, not the function
     monkeypatch.setattr(api, "_broken", {})
     monkeypatch.setattr(api, "triton_available", lambda dev: (False, "Triton disabled by the test"))
-    calls = []
-    real = cuda_backend.attention
-
-    def spy(*a):
-        calls.append(1)
-        return real(*a)
-    monkeypatch.setattr(cuda_backend, "attention", spy)
+    calls = _count_calls(monkeypatch, cuda_backend, "attention")
     q, k, v = (torch.randn(2, 4, 50, 64, device="cuda", dtype=torch.float16) for _ in range(3))
     kpm = torch.ones(2, 50, dtype=torch.bool, device="cuda")
     kpm[0, :7] = False  # padding: auto's engine order is triton, torch
