@@ -150,17 +150,24 @@ def _query_range(n0, Lq, OFF, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _add_dot_f32(acc, a, x, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a (float32) @ x (input dtype) on tensor cores, for the probe gradient: in 16 bits a
-    goes in as two parts of x's dtype (a rounded, then its remainder), so the probe terms keep
-    about float32 accuracy for one more small dot. Each dot accumulates into acc (no temporary
-    tile: one would spill on sm_90)."""
-    if x.dtype == tl.float32:
-        return acc + _dot(a, x, PREC, UPCAST)
-    hi = a.to(x.dtype)
-    lo = (a - hi.to(tl.float32)).to(x.dtype)
-    acc = acc + _dot(hi, x, PREC, UPCAST)
-    return acc + _dot(lo, x, PREC, UPCAST)
+def _add_dot_f32(acc, a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b on tensor cores where one operand is float32 (a probe gradient term) and the
+    other is in the input dtype. In 16 bits the float32 operand goes in as two parts of the other's
+    dtype (rounded, then its remainder), so the probe terms keep about float32 accuracy for one
+    more small dot (one rounding of a bfloat16 ds doubles the probe gradients' error against
+    PyTorch's, which keeps ds in float32). Each dot accumulates into acc (no temporary tile: one
+    would spill on sm_90). Both float32: one dot."""
+    if a.dtype == b.dtype:
+        return acc + _dot(a, b, PREC, UPCAST)
+    if a.dtype == tl.float32:
+        hi = a.to(b.dtype)
+        lo = (a - hi.to(tl.float32)).to(b.dtype)
+        acc = acc + _dot(hi, b, PREC, UPCAST)
+        return acc + _dot(lo, b, PREC, UPCAST)
+    hi = b.to(a.dtype)
+    lo = (b - hi.to(tl.float32)).to(a.dtype)
+    acc = acc + _dot(a, hi, PREC, UPCAST)
+    return acc + _dot(a, lo, PREC, UPCAST)
 
 
 @triton.jit
@@ -472,14 +479,7 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, KPM, ROWS, U, E, DQP,
                 hit = tl.where(offs_m[:, None] == rows[None, :], 1.0, 0.0)  # [BM, BR]
                 dqp = tl.load(DQP + (bh * R + offs_r[:, None]) * D + offs_d[None, :],
                               mask=(offs_r[:, None] < R) & (offs_d[None, :] < D), other=0.0)
-                if q.dtype == tl.float32:
-                    dq = dq + _dot(hit, dqp, PREC, UPCAST)
-                else:  # dqp in two parts of q's dtype, as in _add_dot_f32; hit is exact
-                    p_hi = dqp.to(q.dtype)
-                    p_lo = (dqp - p_hi.to(tl.float32)).to(q.dtype)
-                    hit = hit.to(q.dtype)
-                    dq = dq + _dot(hit, p_hi, PREC, UPCAST)
-                    dq = dq + _dot(hit, p_lo, PREC, UPCAST)
+                dq = _add_dot_f32(dq, hit.to(q.dtype), dqp, PREC, UPCAST)  # hit is exact
         _store_tile(DQ + b * s_dqb + h * s_dqh, s_dql, offs_m, Lq, offs_d, D, dq, EVEN_D, UPCAST)
 
 
@@ -688,7 +688,7 @@ def probe_fwd(q, k, lse, rows, cols=None, key_padding_mask=None, *, causal=True,
     _probe_kernel[(r, a.b * a.hq)](q, k, lse.contiguous(), rows, cols_arg, p, a.kpm,
                                    *q.stride()[:3], *k.stride()[:3], a.s_kpm, a.hq, a.group, a.lq,
                                    a.lk, a.d, r, c, scale, **a.flags, FULL_ROWS=cols is None,
-                                   BLOCK_C=block_c, BLOCK_D=a.block_d)
+                                   BLOCK_C=block_c, BLOCK_D=a.block_d, num_warps=4, num_stages=1)
     return p
 
 
@@ -720,7 +720,7 @@ def attention_bwd(q, k, v, out, lse, dout, key_padding_mask=None, *, causal=True
     bm_d = 16 if _interpreting() else 64
     _delta_kernel[(triton.cdiv(a.lq, bm_d), a.b * a.hq)](
         out, dout, delta, *out.stride()[:3], *dout.stride()[:3], a.hq, a.lq, a.d,
-        BLOCK_M=bm_d, BLOCK_D=a.block_d)
+        BLOCK_M=bm_d, BLOCK_D=a.block_d, num_warps=4, num_stages=1)
     dq = torch.empty(a.b, a.hq, a.lq, a.d, dtype=q.dtype, device=q.device)
     dk = torch.empty(a.b, a.hkv, a.lk, a.d, dtype=k.dtype, device=q.device)
     dv = torch.empty(a.b, a.hkv, a.lk, a.d, dtype=v.dtype, device=q.device)

@@ -24,7 +24,18 @@ import triton
 import triton.language as tl
 
 from .attention import _dot, _heads, _interpreting, _key_ok, _launch, _prep
-from .probes import _row_visible
+
+
+@triton.jit
+def _row_visible(row_c, row_ok, offs_n, kp_ok, OFF, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """[BM, BN] visibility of keys offs_n (kp_ok: padding, in range) to query rows row_c."""
+    ok = row_ok[:, None] & kp_ok[None, :]
+    if CAUSAL:
+        qpos = row_c[:, None] + OFF
+        ok = ok & (offs_n[None, :] <= qpos)
+        if WINDOW > 0:
+            ok = ok & (offs_n[None, :] > qpos - WINDOW)
+    return ok
 
 
 @triton.jit
@@ -131,17 +142,19 @@ def _col_sum_kernel(Q, K, ROWS, LSE, OUT, KPM,
 # launcher
 
 
-def _tiles(device: torch.device, dtype: torch.dtype, d_pad: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps); 16 x 16 in the interpreter. GPU sizes are not timed yet,
-    only compiled ahead of time (docs/column_scores.md): 16-bit d <= 128 uses HGMMA on sm_90
-    without spills; float32 64 x 64 tiles spilled, 32 x 32 do not (except the lse pass at d 128)."""
+def _tiles(device: torch.device, dtype: torch.dtype, d_pad: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages); 16 x 16 in the interpreter. GPU sizes are not
+    timed yet, only compiled ahead of time for sm_90 (tests/aot_compile.py): no stack and no
+    spill instruction in either pass at any head dim; 16-bit uses HGMMA with 3-stage key loads;
+    float32 (IEEE dots on CUDA cores) 32 x 16 tiles on 8 warps, unpipelined (32 x 32 on 4 warps
+    spilled in the lse pass from d = 128)."""
     if _interpreting() or device.type != "cuda":
-        return 16, 16, 4
+        return 16, 16, 4, 1
     if dtype == torch.float32:
-        return 32, 32, 4
+        return 32, 16, 8, 1
     if d_pad > 128:
-        return 64, 32, 4
-    return 128, 64, 8
+        return 64, 32, 4, 3
+    return 128, 64, 8, 3
 
 
 def column_scores_fwd(q, k, rows=None, key_padding_mask=None, *, causal=True, window=None,
@@ -163,10 +176,10 @@ def column_scores_fwd(q, k, rows=None, key_padding_mask=None, *, causal=True, wi
     if nr == 0:
         out.zero_()
         return (out, lse) if return_lse else out
-    bm, bn, warps = _tiles(q.device, q.dtype, a.block_d)
+    bm, bn, warps, stages = _tiles(q.device, q.dtype, a.block_d)
     args = (*q.stride()[:3], *k.stride()[:3], a.s_kpm, a.hq, a.group, a.lq, a.lk, a.d, nr, scale)
     meta = dict(**a.flags, HAS_ROWS=has_rows, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=a.block_d,
-                PREC=a.prec, UPCAST=a.upcast, num_warps=warps)
+                PREC=a.prec, UPCAST=a.upcast, num_warps=warps, num_stages=stages)
     _row_lse_kernel[(triton.cdiv(nr, bm), a.b * a.hq)](q, k, rows_arg, lse, a.kpm, *args, **meta)
     _col_sum_kernel[(triton.cdiv(a.lk, bn), a.b * a.hq)](q, k, rows_arg, lse, out, a.kpm, *args,
                                                          **meta)

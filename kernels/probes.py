@@ -1,8 +1,10 @@
 """Triton probe kernels: attention probabilities of a few query rows, and their backward, for the
 "sdpa" engine (the output and its gradient come from PyTorch's SDPA; these give only the probes).
 
-Per key/value head, the probe rows of its G query heads form one tile of M = G x R rows
-(row m: query head hk * G + m // R, probe slot m % R). With scale s and visibility as in
+Per key/value head, the probe rows of its G query heads form one tile of G x R rows
+(row m: query head hk * G + m // R, probe slot m % R). Every dot is taken transposed, keys (or the
+head dim) as its M and the few probe rows as its N, so that a 64-key block fills Hopper's wgmma
+(M = 64 per warpgroup) however few the rows. With scale s and visibility as in
 abft_fast.kernels.attention (causal, window, key padding; query i at absolute position i + Lk - Lq):
 
   _probe_fwd_kernel   lse_r = log sum_j exp(s q_r . k_j) over the visible keys (online, one pass
@@ -11,7 +13,7 @@ abft_fast.kernels.attention (causal, window, key padding; query i at absolute po
                       P[r, c] = exp(s q_r . k_c - lse_r) at the probe columns (or
                       every key: full rows). Writes P [B, Hq, R, C] and lse [B, Hq, R].
   _probe_dk_kernel    dK_j = s * sum_r dS_rj q_r for one key block (dS in the input dtype for the
-                      tensor-core dot; in bfloat16 as two parts, see _dot_ds), with
+                      tensor-core dot; in 16 bits as two parts, see _add_dot_f32), with
                       dS_rj = E_rj - u_r P_rj, E the probe gradient scattered to full rows
                       (E_rj = sum_{c: cols_c = j} P_rc G_rc) and u_r = sum_c P_rc G_rc;
                       stores dK, or adds it in place into a given dk of any strides (unit last
@@ -27,49 +29,47 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import _dot, _interpreting, _key_ok, padded_head_dim
+from .attention import _add_dot_f32, _dot, _interpreting, _key_ok, padded_head_dim
 
 
 @triton.jit
-def _probe_tile(Q, ROWS, s_qb, s_qh, s_ql, b, hk, G, R, Lq, D, pid_m,
-                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Rows of probe tile pid_m: (q [BM, BD], head index, slot, row position, row valid)."""
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    in_tile = offs_m < G * R
-    g = offs_m // R
-    slot = offs_m % R
+def _gather(base, s_l, idx, ok, offs_d, D, EVEN_D: tl.constexpr):
+    """Rows idx of a [*, D] matrix at base (row stride s_l, unit column stride) as
+    [len(idx), BLOCK_D]; rows where not ok and columns >= D read 0. The mask is constant along a
+    row, so the loads vectorise."""
+    m = ok[:, None]
+    if not EVEN_D:
+        m = m & (offs_d[None, :] < D)
+    return tl.load(base + idx[:, None] * s_l + offs_d[None, :], mask=m, other=0.0)
+
+
+@triton.jit
+def _probe_tile(Q, ROWS, s_qb, s_qh, s_ql, b, hk, G, R, Lq, D, pid_r,
+                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """Rows of probe tile pid_r: (q [BR, BD], head index, slot, row position, row valid)."""
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    in_tile = offs_r < G * R
+    g = offs_r // R
+    slot = offs_r % R
     h = hk * G + g
     row = tl.load(ROWS + b * R + slot, mask=in_tile, other=-1)
     ok = in_tile & (row >= 0) & (row < Lq)
     row_c = tl.where(ok, row, 0)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + b * s_qb + h[:, None] * s_qh + row_c[:, None] * s_ql + offs_d[None, :],
-                mask=ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    q = _gather(Q + b * s_qb + h[:, None] * s_qh, s_ql, row_c, ok, tl.arange(0, BLOCK_D), D,
+                EVEN_D)
     return q, h, slot, row_c, ok
 
 
 @triton.jit
-def _row_visible(row_c, row_ok, offs_n, kp_ok, OFF, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
-    ok = row_ok[:, None] & kp_ok[None, :]
+def _key_visible(offs_n, kp_ok, row_c, row_ok, OFF, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """[BN, BR] visibility of keys offs_n (kp_ok: padding, in range) to probe rows row_c."""
+    ok = kp_ok[:, None] & row_ok[None, :]
     if CAUSAL:
-        qpos = row_c[:, None] + OFF
-        ok = ok & (offs_n[None, :] <= qpos)
+        qpos = row_c[None, :] + OFF
+        ok = ok & (offs_n[:, None] <= qpos)
         if WINDOW > 0:
-            ok = ok & (offs_n[None, :] > qpos - WINDOW)
+            ok = ok & (offs_n[:, None] > qpos - WINDOW)
     return ok
-
-
-@triton.jit
-def _dot_ds(ds, x, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """ds (float32) @ x (input dtype) on tensor cores. In bfloat16 ds goes in as the sum of two
-    bfloat16 parts (ds rounded, then its remainder): one rounding of ds to bfloat16 (8 bits) costs
-    the probe gradients twice the error of the same maths in PyTorch, which keeps ds in float32;
-    float16 (11 bits) and float32 take one dot."""
-    if x.dtype == tl.bfloat16:
-        hi = ds.to(tl.bfloat16)
-        lo = (ds - hi.to(tl.float32)).to(tl.bfloat16)
-        return _dot(hi, x, PREC, UPCAST) + _dot(lo, x, PREC, UPCAST)
-    return _dot(ds.to(x.dtype), x, PREC, UPCAST)
 
 
 @triton.jit
@@ -100,43 +100,52 @@ def _row_grad_stats(LSE, U, b, h, slot, Hq, R, row_ok):
 
 
 @triton.jit
+def _probe_p(k, q, offs_n, kp_ok, row_c, row_ok, lse2, OFF, qk_scale, CAUSAL: tl.constexpr,
+             WINDOW: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """P^T [BN, BR] of keys k [BN, BD] for probe rows q [BR, BD] (base-2 lse2), 0 where hidden.
+    Keys are the dot's M dimension (64 on a GPU: Hopper's wgmma), rows its N (16 or more)."""
+    s = _dot(k, tl.trans(q), PREC, UPCAST) * qk_scale
+    ok = _key_visible(offs_n, kp_ok, row_c, row_ok, OFF, CAUSAL, WINDOW)
+    return tl.where(ok, tl.exp2(tl.where(ok, s - lse2[None, :], 0.0)), 0.0)
+
+
+@triton.jit
 def _probe_fwd_kernel(Q, K, ROWS, COLS, P, LSE, KPM,
                       s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_kpm_b,
                       Hq, G, Lq, Lk, D, R, C, sm_scale,
                       CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
-                      FULL_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    pid_m = tl.program_id(0)
+                      FULL_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
+                      UPCAST: tl.constexpr):
+    pid_r = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
     Hkv = Hq // G
     b = bhk // Hkv
     hk = bhk % Hkv
     OFF = Lk - Lq
-    q, h, slot, row_c, row_ok = _probe_tile(Q, ROWS, s_qb, s_qh, s_ql, b, hk, G, R, Lq, D, pid_m,
-                                            BLOCK_M, BLOCK_D)
+    q, h, slot, row_c, row_ok = _probe_tile(Q, ROWS, s_qb, s_qh, s_ql, b, hk, G, R, Lq, D, pid_r,
+                                            BLOCK_R, BLOCK_D, EVEN_D)
     offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
     k_base = K + b * s_kb + hk * s_kh
     qk_scale = sm_scale * 1.4426950408889634
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
     lo, hi = _key_range(row_c, row_ok, OFF, Lk, CAUSAL, WINDOW, BLOCK_N)
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kp_ok = _key_ok(KPM, s_kpm_b, b, offs_n, Lk, HAS_KPM)
-        kt = tl.load(k_base + offs_n[None, :] * s_kl + offs_d[:, None],
-                     mask=(offs_n[None, :] < Lk) & dmask[:, None], other=0.0)
-        s = _dot(q, kt, PREC, UPCAST) * qk_scale
-        s = tl.where(_row_visible(row_c, row_ok, offs_n, kp_ok, OFF, CAUSAL, WINDOW), s,
+        k = _gather(k_base, s_kl, offs_n, offs_n < Lk, offs_d, D, EVEN_D)
+        s = _dot(k, tl.trans(q), PREC, UPCAST) * qk_scale  # [BN, BR]
+        s = tl.where(_key_visible(offs_n, kp_ok, row_c, row_ok, OFF, CAUSAL, WINDOW), s,
                      float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[None, :]), 0)
         m_i = m_new
     empty = l_i == 0.0
     lse2 = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-    out_row = (b * Hq + h) * R + slot  # [BM] index of (b, h, slot)
-    in_tile = pid_m * BLOCK_M + tl.arange(0, BLOCK_M) < G * R
+    out_row = (b * Hq + h) * R + slot  # [BR] index of (b, h, slot)
+    in_tile = pid_r * BLOCK_R + tl.arange(0, BLOCK_R) < G * R
     tl.store(LSE + out_row, tl.where(empty, float("-inf"), lse2 * 0.6931471805599453),
              mask=in_tile)
     n_out = Lk if FULL_ROWS else C
@@ -150,13 +159,11 @@ def _probe_fwd_kernel(Q, K, ROWS, COLS, P, LSE, KPM,
         col_ok = cmask & (col >= 0)
         col_c = tl.where(col_ok, col, 0)
         kp_ok = _key_ok(KPM, s_kpm_b, b, col_c, Lk, HAS_KPM) & col_ok
-        kt = tl.load(k_base + col_c[None, :] * s_kl + offs_d[:, None],
-                     mask=col_ok[None, :] & dmask[:, None], other=0.0)
-        s = _dot(q, kt, PREC, UPCAST) * qk_scale
-        ok = _row_visible(row_c, row_ok, col_c, kp_ok, OFF, CAUSAL, WINDOW)
-        p = tl.where(ok, tl.exp2(tl.where(ok, s - lse2[:, None], 0.0)), 0.0)
-        tl.store(P + out_row[:, None] * n_out + offs_c[None, :], p,
-                 mask=in_tile[:, None] & cmask[None, :])
+        k = _gather(k_base, s_kl, col_c, col_ok, offs_d, D, EVEN_D)
+        p = _probe_p(k, q, col_c, kp_ok, row_c, row_ok, lse2, OFF, qk_scale, CAUSAL, WINDOW,
+                     PREC, UPCAST)
+        tl.store(P + out_row[None, :] * n_out + offs_c[:, None], p,
+                 mask=in_tile[None, :] & cmask[:, None])
 
 
 @triton.jit
@@ -164,8 +171,9 @@ def _probe_dk_kernel(Q, K, ROWS, LSE, U, E, DK, KPM,
                      s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_kpm_b, s_dkb, s_dkh, s_dkl,
                      Hq, G, Lq, Lk, D, R, sm_scale,
                      CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     PREC: tl.constexpr, UPCAST: tl.constexpr, ACCUMULATE: tl.constexpr):
+                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     EVEN_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                     ACCUMULATE: tl.constexpr):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
     Hkv = Hq // G
@@ -174,26 +182,22 @@ def _probe_dk_kernel(Q, K, ROWS, LSE, U, E, DK, KPM,
     OFF = Lk - Lq
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
     nmask = offs_n < Lk
     kp_ok = _key_ok(KPM, s_kpm_b, b, offs_n, Lk, HAS_KPM)
-    kt = tl.load(K + b * s_kb + hk * s_kh + offs_n[None, :] * s_kl + offs_d[:, None],
-                 mask=nmask[None, :] & dmask[:, None], other=0.0)
+    k = _gather(K + b * s_kb + hk * s_kh, s_kl, offs_n, nmask, offs_d, D, EVEN_D)
     qk_scale = sm_scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for pid_m in range(0, tl.cdiv(G * R, BLOCK_M)):
+    for pid_r in range(0, tl.cdiv(G * R, BLOCK_R)):
         q, h, slot, row_c, row_ok = _probe_tile(Q, ROWS, s_qb, s_qh, s_ql, b, hk, G, R, Lq, D,
-                                                pid_m, BLOCK_M, BLOCK_D)
+                                                pid_r, BLOCK_R, BLOCK_D, EVEN_D)
         ridx, row_ok, lse2, u = _row_grad_stats(LSE, U, b, h, slot, Hq, R, row_ok)
-        s = _dot(q, kt, PREC, UPCAST) * qk_scale
-        ok = _row_visible(row_c, row_ok, offs_n, kp_ok, OFF, CAUSAL, WINDOW)
-        p = tl.where(ok, tl.exp2(tl.where(ok, s - lse2[:, None], 0.0)), 0.0)
-        e = tl.load(E + ridx[:, None] * Lk + offs_n[None, :],
-                    mask=row_ok[:, None] & nmask[None, :], other=0.0)
-        ds = e - u[:, None] * p  # [BM, BN]
-        dk += _dot_ds(tl.trans(ds), q, PREC, UPCAST)
+        p = _probe_p(k, q, offs_n, kp_ok, row_c, row_ok, lse2, OFF, qk_scale, CAUSAL, WINDOW,
+                     PREC, UPCAST)
+        e = tl.load(E + ridx[None, :] * Lk + offs_n[:, None],
+                    mask=row_ok[None, :] & nmask[:, None], other=0.0)
+        dk = _add_dot_f32(dk, e - u[None, :] * p, q, PREC, UPCAST)  # dS^T [BN, BR] @ q
     dk_ptrs = DK + b * s_dkb + hk * s_dkh + offs_n[:, None] * s_dkl + offs_d[None, :]
-    dk_mask = nmask[:, None] & dmask[None, :]
+    dk_mask = nmask[:, None] & (offs_d[None, :] < D)
     dk = dk * sm_scale
     if ACCUMULATE:  # add into an existing gradient (the output's dk), in its dtype
         dk += tl.load(dk_ptrs, mask=dk_mask, other=0.0).to(tl.float32)
@@ -205,51 +209,64 @@ def _probe_dq_kernel(Q, K, ROWS, LSE, U, E, DQ, KPM,
                      s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_kpm_b,
                      Hq, G, Lq, Lk, D, R, sm_scale,
                      CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     PREC: tl.constexpr, UPCAST: tl.constexpr):
-    pid_m = tl.program_id(0)
+                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     EVEN_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    pid_r = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
     Hkv = Hq // G
     b = bhk // Hkv
     hk = bhk % Hkv
     OFF = Lk - Lq
-    q, h, slot, row_c, row_ok = _probe_tile(Q, ROWS, s_qb, s_qh, s_ql, b, hk, G, R, Lq, D, pid_m,
-                                            BLOCK_M, BLOCK_D)
+    q, h, slot, row_c, row_ok = _probe_tile(Q, ROWS, s_qb, s_qh, s_ql, b, hk, G, R, Lq, D, pid_r,
+                                            BLOCK_R, BLOCK_D, EVEN_D)
     ridx, row_ok, lse2, u = _row_grad_stats(LSE, U, b, h, slot, Hq, R, row_ok)
     offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
     k_base = K + b * s_kb + hk * s_kh
     qk_scale = sm_scale * 1.4426950408889634
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dqt = tl.zeros([BLOCK_D, BLOCK_R], tl.float32)  # dq^T: the head dim is the dots' M
     lo, hi = _key_range(row_c, row_ok, OFF, Lk, CAUSAL, WINDOW, BLOCK_N)
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         nmask = offs_n < Lk
         kp_ok = _key_ok(KPM, s_kpm_b, b, offs_n, Lk, HAS_KPM)
-        k = tl.load(k_base + offs_n[:, None] * s_kl + offs_d[None, :],
-                    mask=nmask[:, None] & dmask[None, :], other=0.0)
-        s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
-        ok = _row_visible(row_c, row_ok, offs_n, kp_ok, OFF, CAUSAL, WINDOW)
-        p = tl.where(ok, tl.exp2(tl.where(ok, s - lse2[:, None], 0.0)), 0.0)
-        e = tl.load(E + ridx[:, None] * Lk + offs_n[None, :],
-                    mask=row_ok[:, None] & nmask[None, :], other=0.0)
-        ds = e - u[:, None] * p
-        dq += _dot_ds(ds, k, PREC, UPCAST)
-    tl.store(DQ + ridx[:, None] * D + offs_d[None, :], dq * sm_scale,
-             mask=row_ok[:, None] & dmask[None, :])
+        k = _gather(k_base, s_kl, offs_n, nmask, offs_d, D, EVEN_D)
+        p = _probe_p(k, q, offs_n, kp_ok, row_c, row_ok, lse2, OFF, qk_scale, CAUSAL, WINDOW,
+                     PREC, UPCAST)
+        e = tl.load(E + ridx[None, :] * Lk + offs_n[:, None],
+                    mask=row_ok[None, :] & nmask[:, None], other=0.0)
+        dqt = _add_dot_f32(dqt, tl.trans(k), e - u[None, :] * p, PREC, UPCAST)  # k^T @ dS^T
+    tl.store(DQ + ridx[None, :] * D + offs_d[:, None], dqt * sm_scale,
+             mask=row_ok[None, :] & (offs_d[:, None] < D))
 
 
 # ----------------------------------------------------------------------------------------------
 # launchers
 
 
-def _tiles(m_rows: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N): probe tiles of up to 64 rows, key blocks of 32 (16 in the interpreter).
-    32-key blocks keep the 16-bit kernels free of spills at d <= 128 on sm_90 (tests/aot_compile.py
-    reads it from the SASS; 64-key blocks spilled in the forward and dq kernels at d = 128)."""
+def _tiles(kind: str, m_rows: int, device: torch.device, dtype: torch.dtype,
+           d: int) -> tuple[int, int, int, int]:
+    """(BLOCK_R, BLOCK_N, num_warps, num_stages) of probe kernel kind ("fwd", "dk", "dq") for
+    m_rows = G x R probe rows per key/value head and head dim d; 16 x 16 in the interpreter.
+
+    16 bits: key blocks of 64 (the dots' M, one Hopper warpgroup's wgmma: HGMMA in every kernel),
+    row tiles of 16-64 (the dots' N; dk loops over 16-row tiles, dq takes at most 32 rows), key
+    loads pipelined in 3 stages. float32 (IEEE dots on CUDA cores): 16 rows x 32 keys, 8 warps,
+    no pipelining (2 or 3 stages spill at d 128). Chosen by compiling for sm_90
+    (tests/aot_compile.py): no stack and no spill instruction at d <= 128 in any dtype; at d = 256
+    only the 16-bit dk kernel spills (80 instructions at 2 stages, the fewest of the tiles tried).
+    Not timed."""
     if _interpreting() or device.type != "cuda":
-        return 16, 16
-    return min(64, max(16, triton.next_power_of_2(m_rows))), 32
+        return 16, 16, 4, 1
+    dp = padded_head_dim(d)
+    if dtype == torch.float32:
+        return 16, (16 if kind == "dq" and dp > 128 else 32), 8, 1
+    br = min(64, max(16, triton.next_power_of_2(m_rows)))
+    if kind == "dk":
+        br = 16
+    elif kind == "dq":
+        br = min(br, 32 if dp <= 128 else 16)
+    wide = br > (16 if kind == "dq" else 32) or dp > 128
+    return br, 64, 8 if wide else 4, 2 if kind == "dk" and dp > 128 else 3
 
 
 def _flags(kpm, causal, window):
@@ -263,8 +280,10 @@ def _prep(q, k, kpm):
 
 
 def _dots(q):
+    d = q.shape[-1]
     return dict(PREC="ieee" if q.dtype == torch.float32 else "tf32",
-                UPCAST=_interpreting() and q.dtype == torch.bfloat16)
+                UPCAST=_interpreting() and q.dtype == torch.bfloat16,
+                BLOCK_D=padded_head_dim(d), EVEN_D=d == padded_head_dim(d))
 
 
 def accepts_dk_out(dk) -> bool:
@@ -301,12 +320,12 @@ def probe_rows_fwd(q, k, rows, cols=None, key_padding_mask=None, *, causal=True,
         lse.fill_(float("-inf"))
         return p, lse
     rows = rows.contiguous()
-    bm, bn = _tiles(g * r, q.device)
-    _probe_fwd_kernel[(triton.cdiv(g * r, bm), b * hkv)](
+    br, bn, warps, stages = _tiles("fwd", g * r, q.device, q.dtype, d)
+    _probe_fwd_kernel[(triton.cdiv(g * r, br), b * hkv)](
         q, k, rows, rows if cols is None else cols.contiguous(), p, lse, kpm,
         *q.stride()[:3], *k.stride()[:3], s_kpm, hq, g, lq, lk, d, r, c, scale,
-        **_flags(key_padding_mask, causal, window), FULL_ROWS=cols is None, BLOCK_M=bm,
-        BLOCK_N=bn, BLOCK_D=padded_head_dim(d), **_dots(q), num_warps=4)
+        **_flags(key_padding_mask, causal, window), FULL_ROWS=cols is None, BLOCK_R=br,
+        BLOCK_N=bn, **_dots(q), num_warps=warps, num_stages=stages)
     return p, lse
 
 
@@ -337,11 +356,11 @@ def probe_rows_bwd(q, k, rows, lse, u, e, key_padding_mask=None, *, causal=True,
     if r == 0:
         return dq, dk if dk_out is not None else dk.zero_()
     rows, lse, u, e = rows.contiguous(), lse.contiguous(), u.contiguous(), e.contiguous()
-    bm, bn = _tiles(g * r, q.device)
+    br, bn, warps, stages = _tiles("dk", g * r, q.device, q.dtype, d)
     common = (*q.stride()[:3], *k.stride()[:3], s_kpm)
     sizes = (hq, g, lq, lk, d, r, scale)
-    meta = dict(**_flags(key_padding_mask, causal, window), BLOCK_M=bm, BLOCK_N=bn,
-                BLOCK_D=padded_head_dim(d), **_dots(q), num_warps=4)
+    meta = dict(**_flags(key_padding_mask, causal, window), BLOCK_R=br, BLOCK_N=bn, **_dots(q),
+                num_warps=warps, num_stages=stages)
     _probe_dk_kernel[(triton.cdiv(lk, bn), b * hkv)](q, k, rows, lse, u, e, dk, kpm, *common,
                                                      *dk.stride()[:3], *sizes, **meta,
                                                      ACCUMULATE=dk_out is not None)
@@ -353,11 +372,11 @@ def _launch_dq(q, k, rows, lse, u, e, dq, kpm, s_kpm, scale, key_padding_mask, c
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     g, r = hq // hkv, rows.shape[1]
-    bm, bn = _tiles(g * r, q.device)
-    _probe_dq_kernel[(triton.cdiv(g * r, bm), b * hkv)](
+    br, bn, warps, stages = _tiles("dq", g * r, q.device, q.dtype, d)
+    _probe_dq_kernel[(triton.cdiv(g * r, br), b * hkv)](
         q, k, rows, lse, u, e, dq, kpm, *q.stride()[:3], *k.stride()[:3], s_kpm, hq, g, lq, lk,
-        d, r, scale, **_flags(key_padding_mask, causal, window), BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_D=padded_head_dim(d), **_dots(q), num_warps=4)
+        d, r, scale, **_flags(key_padding_mask, causal, window), BLOCK_R=br, BLOCK_N=bn,
+        **_dots(q), num_warps=warps, num_stages=stages)
 
 
 def probe_rows_dq(q, k, rows, lse, u, e, key_padding_mask=None, *, causal=True, window=None,

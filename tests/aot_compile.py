@@ -15,11 +15,13 @@ import subprocess
 import sys
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import abft_fast.kernels.attention as kernels
+import abft_fast.kernels.column_scores as cs_kernels
 import abft_fast.kernels.probes as probe_kernels
 
 PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
@@ -37,6 +39,8 @@ def signature(fn, dtype, consts):
         elif n in ("DQ", "DK", "DV") and fn.__name__ == "_bwd_kernel":
             sig[n] = PTR[dtype]  # the fused backward stores its gradients in the input dtype
         elif n in ("LSE", "DELTA", "DQ", "DK", "DV", "EXTRA", "P", "U", "E", "DQP"):
+            sig[n] = "*fp32"
+        elif n == "OUT":
             sig[n] = "*fp32"
         elif n in ("ROWS", "COLS"):
             sig[n] = "*i64"
@@ -116,19 +120,42 @@ def flash_configs(cc: int, dtypes=("bf16", "fp16", "fp32"), dims=(64, 128, 256))
                    warps, stages)
 
 
-def probe_configs(dtypes=("bf16", "fp32"), dims=(64, 128)):
-    """The sdpa engine's probe kernels at their launch tiles for 16 probe rows x key blocks."""
-    bm, bn = 16, 32  # probes._tiles for G x R <= 16 on a GPU
+def probe_configs(dtypes=("bf16", "fp16", "fp32"), dims=(64, 128, 256), rows=(16, 32, 64)):
+    """The sdpa engine's probe kernels at their launch tiles (probes._tiles) for G x R probe rows
+    of one key/value head (16, 32, 64: the row tiles the launcher picks)."""
     for dtype in dtypes:
+        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
         for d in dims:
-            for name in ("_probe_fwd_kernel", "_probe_dk_kernel", "_probe_dq_kernel"):
-                consts = dict(CAUSAL=True, WINDOW=0, HAS_KPM=False, BLOCK_M=bm, BLOCK_N=bn,
-                              BLOCK_D=d, PREC="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
-                if name == "_probe_fwd_kernel":
-                    consts["FULL_ROWS"] = False
-                if name == "_probe_dk_kernel":
-                    consts["ACCUMULATE"] = True
-                yield getattr(probe_kernels, name), name, dtype, d, consts, 4, 1
+            seen = set()
+            for m_rows in rows:
+                for kind in ("fwd", "dk", "dq"):
+                    tile = probe_kernels._tiles(kind, m_rows, torch.device("cuda"), torch_dtype, d)
+                    if (kind, tile) in seen:
+                        continue
+                    seen.add((kind, tile))
+                    br, bn, warps, stages = tile
+                    name = f"_probe_{kind}_kernel"
+                    consts = dict(CAUSAL=True, WINDOW=0, HAS_KPM=False, BLOCK_R=br, BLOCK_N=bn,
+                                  BLOCK_D=d, EVEN_D=True, UPCAST=False,
+                                  PREC=kernels.dot_precision(dtype == "fp32"), BLOCK_M=br)
+                    if kind == "fwd":
+                        consts["FULL_ROWS"] = False
+                    if kind == "dk":
+                        consts["ACCUMULATE"] = True
+                    yield getattr(probe_kernels, name), name, dtype, d, consts, warps, stages
+
+
+def column_score_configs(dtypes=("bf16", "fp16", "fp32"), dims=(64, 128, 256)):
+    """The column-score kernels (row lse pass, column sum pass) at their launch tiles, rows given."""
+    for dtype in dtypes:
+        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+        for d in dims:
+            bm, bn, warps, stages = cs_kernels._tiles(torch.device("cuda"), torch_dtype, d)
+            for name in ("_row_lse_kernel", "_col_sum_kernel"):
+                consts = dict(CAUSAL=True, WINDOW=0, HAS_KPM=True, HAS_ROWS=True, BLOCK_M=bm,
+                              BLOCK_N=bn, BLOCK_D=d, UPCAST=False,
+                              PREC=kernels.dot_precision(dtype == "fp32"))
+                yield getattr(cs_kernels, name), name, dtype, d, consts, warps, stages
 
 
 def small_configs(dtypes=("bf16", "fp32"), dims=(64, 128)):
@@ -151,7 +178,7 @@ def compile_all(cc: int, with_probes: bool = True):
     rows = []
     configs = list(flash_configs(cc))
     if with_probes:
-        configs += list(probe_configs()) + list(small_configs())
+        configs += list(probe_configs()) + list(column_score_configs()) + list(small_configs())
     for fn, name, dtype, d, consts, warps, stages in configs:
         k = _compile(fn, dtype, _strip(consts, fn), target, warps, stages)
         st = sass_stats(k)

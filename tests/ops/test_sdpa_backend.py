@@ -386,7 +386,7 @@ def test_dq_rows_kernel_skips_keys_outside_the_window():
     q = torch.randn(b, hq, lq, d, device=DEV)
     k = torch.randn(b, hkv, lk, d, device=DEV)
     rows = torch.tensor([[2, 5]], device=DEV)  # absolute positions 78 and 81
-    bn = probes._tiles(hq * 2, q.device)[1]
+    bn = probes._tiles("dq", hq * 2, q.device, q.dtype, d)[1]
     lo = (78 - window + 1) // bn * bn
     hi = -(-(81 + 1) // bn) * bn
     assert lo > 0 and hi < lk

@@ -1,8 +1,9 @@
 """The Triton kernels compile for real GPU targets (no GPU needed), and the sm_90 build report
 holds: the interpreter accepts some programs the compiler rejects, tile sizes must fit each
-generation's shared memory, and on Hopper every 16-bit flash kernel must use HGMMA. Runs
-tests/aot_compile.py in a subprocess without TRITON_INTERPRET (kernels must be real JIT functions
-there). The report (registers, stack, spills) is written to build/aot_sm90.csv and printed."""
+generation's shared memory, and on Hopper every 16-bit flash, probe and column-score kernel must
+use HGMMA. Runs tests/aot_compile.py in a subprocess without TRITON_INTERPRET (kernels must be
+real JIT functions there). The report (registers, stack, spills) is written to
+build/aot_report.csv and printed."""
 import csv
 import os
 import subprocess
@@ -10,6 +11,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+PROBE_KERNELS = ("_probe_fwd_kernel", "_probe_dk_kernel", "_probe_dq_kernel", "_row_lse_kernel",
+                 "_col_sum_kernel")
 
 
 def test_kernels_compile_for_sm80_and_sm90(tmp_path):
@@ -29,11 +32,22 @@ def test_kernels_compile_for_sm80_and_sm90(tmp_path):
     assert len(tma) == 2 * 3  # sm_90: fp16 / bf16 x 3 head dims
     for x in tma:  # the opt-in TMA forward: its loads are TMA loads, and it does not spill
         assert int(x["tma"]) > 0 and int(x["spills"]) == 0 and int(x["stack"]) == 0, x
-    assert len(rows) - len(flash) - len(tma) == 2 * 2 * 5  # sm_90: 2 dtypes x 2 dims x 5 small
-    for x in rows:  # the sdpa engine's probe kernels: no spills in 16 bits
-        if x["kernel"].startswith("_probe_") and x["kernel"] != "_probe_kernel" \
-                and x["dtype"] == "bf16" and int(x["d"]) <= 128:
+    probe = [x for x in rows if x["kernel"] in PROBE_KERNELS]
+    assert {x["kernel"] for x in probe} == set(PROBE_KERNELS)
+    assert {(x["dtype"], x["d"]) for x in probe} == {(t, d) for t in ("bf16", "fp16", "fp32")
+                                                     for d in ("64", "128", "256")}
+    for x in probe:  # the sdpa engine's probe kernels and the column-score kernels (sm_90 only)
+        if x["dtype"] in ("bf16", "fp16"):  # keys as the dots' M: wgmma however few the rows
+            assert int(x["hgmma"]) > 0, f"no HGMMA in {x}"
+        if int(x["d"]) <= 128 or x["dtype"] == "fp32" or x["kernel"] != "_probe_dk_kernel":
             assert int(x["spills"]) == 0 and int(x["stack"]) == 0, f"spills in {x}"
+        else:  # d = 256, 16-bit dk: the fewest spills of the tiles tried (probes._tiles)
+            assert int(x["spills"]) <= 100, f"more spills than shipped in {x}"
+    small = [x for x in rows if x["kernel"] in ("_probe_kernel", "_delta_kernel")]
+    assert len(small) == 2 * 2 * 2  # sm_90: 2 dtypes x 2 dims x (probe-from-lse, delta)
+    for x in small:
+        assert int(x["spills"]) == 0 and int(x["stack"]) == 0, f"spills in {x}"
+    assert len(rows) == len(flash) + len(tma) + len(probe) + len(small)
     for x in flash:
         sixteen = x["dtype"] in ("bf16", "fp16")
         if x["cc"] == "90" and sixteen and int(x["d"]) <= 128:  # d = 256 takes mma.sync tiles
