@@ -34,19 +34,15 @@ if not torch.cuda.is_available():  # before any kernel is defined
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from abft_fast.kernels import attention as K  # noqa: E402
+from abft_fast.kernels import autotune  # noqa: E402
 from abft_fast.ops.reference import attention_reference  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) for 16-bit inputs and head dims up to 128 on sm_80+.
-CANDIDATES = {
-    "fwd": [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 32, 4, 4), (64, 64, 4, 3),
-            (64, 128, 4, 3), (128, 128, 8, 2), (64, 64, 4, 4), (128, 64, 4, 4), (128, 32, 8, 3)],
-    "dkdv": [(32, 128, 4, 3), (32, 128, 4, 5), (64, 128, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3),
-             (32, 64, 4, 3), (64, 128, 4, 2), (128, 64, 8, 2), (32, 128, 8, 4), (64, 64, 4, 5)],
-    "dq": [(128, 32, 4, 3), (128, 32, 4, 5), (128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3),
-           (64, 32, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2), (128, 32, 8, 4), (64, 64, 4, 5)],
-}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) for 16-bit inputs and head dims up to 128: the set
+# ABFT_FAST_AUTOTUNE=1 times at run time (abft_fast.kernels.autotune), so that an offline sweep and
+# the run-time choice look at the same tiles. dq candidates set only the dQ programs' blocks.
+CANDIDATES = autotune.CANDIDATES["16"]
 SMOKE_CANDIDATES = {"fwd": [(32, 16, 4, 1), (16, 32, 4, 1)], "dkdv": [(32, 16, 4, 1), (16, 32, 4, 1)],
                     "dq": [(32, 16, 4, 1), (16, 32, 4, 1)]}
 FIELDS = ["pass", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "default", "status", "ms",

@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import autotune
+
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -562,6 +564,15 @@ def _cfg_for(d_pad: int, major: int, kind: str, fp32: bool = False):
     return (32, 64, 8, 2) if kind == "dkdv" else (64, 32, 8, 2)
 
 
+def _tune_key(kind: str, a, q, extra) -> tuple:
+    """What a tuned tile is chosen for: pass, generation, dtype, head dim, masks, GQA group, and
+    Lq / Lk rounded up to powers of two (plus TMA for the forward, probes for the backward)."""
+    major = _major(q.device.index if q.device.index is not None
+                   else torch.cuda.current_device()) if q.device.type == "cuda" else 0
+    return (kind, major, str(q.dtype), a.block_d, tuple(sorted(a.flags.items())), a.group,
+            triton.next_power_of_2(a.lq), triton.next_power_of_2(a.lk), bool(extra))
+
+
 def _prep(q, k, v, kpm):
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if kpm is not None:
@@ -655,16 +666,23 @@ def attention_fwd(q, k, v, key_padding_mask=None, *, causal=True, window=None, s
     scale = a.d ** -0.5 if scale is None else float(scale)
     out = torch.empty(a.b, a.hq, a.lq, a.d, dtype=q.dtype, device=q.device)
     lse = torch.empty(a.b, a.hq, a.lq, dtype=torch.float32, device=q.device)
-    bm, bn, warps, stages = _cfg(a.block_d, q.device, "fwd", q.dtype)
-    grid = (triton.cdiv(a.lq, bm), a.b * a.hq)
     tma = use_tma(q, k, v)
-    descs = ((_descriptor(q, bm, a.block_d), _descriptor(k, bn, a.block_d),
-              _descriptor(v, bn, a.block_d)) if tma else (None, None, None))
-    _fwd_kernel[grid](q, k, v, out, lse, a.kpm, *descs,
-                      *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-                      a.s_kpm, a.hq, a.group, a.lq, a.lk, a.d, scale, **a.flags, BLOCK_M=bm,
-                      BLOCK_N=bn, BLOCK_D=a.block_d, EVEN_D=a.d == a.block_d, PREC=a.prec,
-                      UPCAST=a.upcast, USE_TMA=tma, num_warps=warps, num_stages=stages)
+
+    def launch(cfg):
+        bm, bn, warps, stages = cfg
+        descs = ((_descriptor(q, bm, a.block_d), _descriptor(k, bn, a.block_d),
+                  _descriptor(v, bn, a.block_d)) if tma else (None, None, None))
+        return _fwd_kernel[(triton.cdiv(a.lq, bm), a.b * a.hq)](
+            q, k, v, out, lse, a.kpm, *descs, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *out.stride()[:3], a.s_kpm, a.hq, a.group, a.lq, a.lk, a.d, scale, **a.flags,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=a.block_d, EVEN_D=a.d == a.block_d, PREC=a.prec,
+            UPCAST=a.upcast, USE_TMA=tma, num_warps=warps, num_stages=stages)
+
+    cfg = _cfg(a.block_d, q.device, "fwd", q.dtype)
+    if "fwd" not in _tile_override and autotune.enabled(q.device):
+        cfg = autotune.pick(_tune_key("fwd", a, q, tma), autotune.candidates(
+            "fwd", q.dtype, a.block_d, cfg), launch)
+    launch(cfg)
     return out, lse
 
 
@@ -724,18 +742,32 @@ def attention_bwd(q, k, v, out, lse, dout, key_padding_mask=None, *, causal=True
     dq = torch.empty(a.b, a.hq, a.lq, a.d, dtype=q.dtype, device=q.device)
     dk = torch.empty(a.b, a.hkv, a.lk, a.d, dtype=k.dtype, device=q.device)
     dv = torch.empty(a.b, a.hkv, a.lk, a.d, dtype=v.dtype, device=q.device)
-    bm1, bn1, warps, stages = _cfg(a.block_d, q.device, "dkdv", q.dtype)
-    bm2, bn2, _, _ = _cfg(a.block_d, q.device, "dq", q.dtype)
-    n_kv = triton.cdiv(a.lk, bn1)
-    grid = (n_kv + a.group * triton.cdiv(a.lq, bm2), a.b * a.hkv)
-    _bwd_kernel[grid](
-        q, k, v, dout, lse, delta, dq, dk, dv, a.kpm, rows, u, e, dqp,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
-        *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], a.s_kpm, a.hq, a.hkv, a.group,
-        a.lq, a.lk, a.d, r, scale, n_kv, **a.flags, HAS_PROBES=probes, BLOCK_M1=bm1,
-        BLOCK_N1=bn1, BLOCK_M2=bm2, BLOCK_N2=bn2, BLOCK_D=a.block_d, BLOCK_R=16,
-        EVEN_D=a.d == a.block_d, PREC=a.prec, UPCAST=a.upcast, num_warps=warps,
-        num_stages=stages)
+
+    def launch(cfg):
+        bm1, bn1, warps, stages, bm2, bn2 = cfg
+        n_kv = triton.cdiv(a.lk, bn1)
+        return _bwd_kernel[(n_kv + a.group * triton.cdiv(a.lq, bm2), a.b * a.hkv)](
+            q, k, v, dout, lse, delta, dq, dk, dv, a.kpm, rows, u, e, dqp,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
+            *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], a.s_kpm, a.hq, a.hkv, a.group,
+            a.lq, a.lk, a.d, r, scale, n_kv, **a.flags, HAS_PROBES=probes, BLOCK_M1=bm1,
+            BLOCK_N1=bn1, BLOCK_M2=bm2, BLOCK_N2=bn2, BLOCK_D=a.block_d, BLOCK_R=16,
+            EVEN_D=a.d == a.block_d, PREC=a.prec, UPCAST=a.upcast, num_warps=warps,
+            num_stages=stages)
+
+    dkdv = _cfg(a.block_d, q.device, "dkdv", q.dtype)
+    dqb = _cfg(a.block_d, q.device, "dq", q.dtype)[:2]
+    cfg = (*dkdv, *dqb)
+    if autotune.enabled(q.device):  # dK/dV tile first (shipped dQ blocks), then the dQ blocks
+        key = _tune_key("bwd", a, q, probes)
+        if "dkdv" not in _tile_override:
+            cfg = autotune.pick(key + ("dkdv",), [(*c, *dqb) for c in autotune.candidates(
+                "dkdv", q.dtype, a.block_d, dkdv)], launch)
+        if "dq" not in _tile_override:
+            cfg = autotune.pick(key + ("dq",) + cfg[:4], [(*cfg[:4], *c[:2]) for c in
+                                autotune.candidates("dq", q.dtype, a.block_d, (*dqb, 0, 0))],
+                                launch)
+    launch(cfg)
     return dq, dk, dv
 
 
