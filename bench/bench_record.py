@@ -20,7 +20,10 @@ import subprocess
 import uuid
 from pathlib import Path
 
-META_COLUMNS = ["run_id", "date", "device", "torch", "cuda", "triton", "transformers", "commit"]
+META_COLUMNS = ["run_id", "date", "device", "torch", "cuda", "triton", "transformers", "commit",
+                "flags"]
+# the opt-in switches that change what the kernels run; a row names those that were on
+FLAG_VARS = ("ABFT_FAST_TMA", "ABFT_FAST_AUTOTUNE")
 COLUMNS = {
     "attention": META_COLUMNS + [
         "method", "mode", "probes", "dtype", "B", "Hq", "Hkv", "L", "D", "R", "C", "causal",
@@ -72,7 +75,8 @@ def run_metadata() -> dict:
     return {"run_id": run_id, "date": now.isoformat(timespec="seconds"), "device": device,
             "torch": torch.__version__, "cuda": torch.version.cuda or "",
             "triton": _version("triton"), "transformers": _version("transformers"),
-            "commit": _git_commit()}
+            "commit": _git_commit(),
+            "flags": " ".join(f"{v}=1" for v in FLAG_VARS if os.environ.get(v) == "1")}
 
 
 def _fmt(v):

@@ -23,7 +23,8 @@ def _load(name):
 
 
 META = {"run_id": "run-b", "date": "2030-01-02T00:00:00+00:00", "device": "made-up device",
-        "torch": "0", "cuda": "0", "triton": "0", "transformers": "0", "commit": "abc"}
+        "torch": "0", "cuda": "0", "triton": "0", "transformers": "0", "commit": "abc",
+        "flags": ""}
 
 
 def made_up_rows():
@@ -52,6 +53,19 @@ def made_up_rows():
                          status="oom")
             e2e.append(r)
     return att, e2e
+
+
+def test_rows_name_the_opt_in_kernel_switches(monkeypatch):
+    """A row says which ABFT_FAST_* switches were on, so TMA / autotuned rows are never read as
+    the default kernels' (and the other way round)."""
+    for v in R.FLAG_VARS:
+        monkeypatch.delenv(v, raising=False)
+    assert R.run_metadata()["flags"] == ""
+    monkeypatch.setenv("ABFT_FAST_AUTOTUNE", "1")
+    monkeypatch.setenv("ABFT_FAST_TMA", "0")
+    assert R.run_metadata()["flags"] == "ABFT_FAST_AUTOTUNE=1"
+    monkeypatch.setenv("ABFT_FAST_TMA", "1")
+    assert R.run_metadata()["flags"] == "ABFT_FAST_TMA=1 ABFT_FAST_AUTOTUNE=1"
 
 
 def test_flops_formula():

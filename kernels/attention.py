@@ -321,19 +321,24 @@ def _delta_kernel(O, DO, DELTA, s_ob, s_oh, s_ol, s_db, s_dh, s_dl, Hq, Lq, D,
 
 
 @triton.jit
-def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, s_ql, s_dl, LSE, DELTA, bh, KPM, s_kpm_b, b,
-                  offs_n, offs_d, lo, hi, Lq, Lk, D, OFF, qk_scale,
+def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, s_ql, s_dl, QD, DOD, h32, LSE, DELTA, bh, KPM,
+                  s_kpm_b, b, offs_n, offs_d, lo, hi, Lq, Lk, D, OFF, qk_scale,
                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
-                  EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr,
-                  UPCAST: tl.constexpr):
+                  EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                  PREC: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
     """dK, dV of one key block over query blocks [lo, hi) of one query head (transposed tiles:
     [BN, BM]). Every tile is masked: split into boundary and whole blocks as the forward is, this
-    loop spills on sm_90 at every tile tried (tests/aot_compile.py), one loop does not."""
+    loop spills on sm_90 at every tile tried (tests/aot_compile.py), one loop does not. USE_TMA:
+    Q and dO tiles through the descriptors QD / DOD ([B, Hq, Lq, D], zero-filled out of bounds)."""
     kp_ok = _key_ok(KPM, s_kpm_b, b, offs_n, Lk, HAS_KPM)
     for start_m in tl.range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _tile(q_base, s_ql, offs_m, Lq, offs_d, D, True, EVEN_D)
-        do = _tile(do_base, s_dl, offs_m, Lq, offs_d, D, True, EVEN_D)
+        if USE_TMA:
+            q = QD.load([b.to(tl.int32), h32, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+            do = DOD.load([b.to(tl.int32), h32, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+        else:
+            q = _tile(q_base, s_ql, offs_m, Lq, offs_d, D, True, EVEN_D)
+            do = _tile(do_base, s_dl, offs_m, Lq, offs_d, D, True, EVEN_D)
         lse = tl.load(LSE + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
         delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -348,16 +353,22 @@ def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, s_ql, s_dl, LSE, DELTA, bh, KPM
 
 
 @triton.jit
-def _bwd_q_inner(dq, q, do, lse2, delta, k_base, v_base, s_kl, s_vl, KPM, s_kpm_b, b, offs_m,
-                 offs_d, lo, hi, Lq, Lk, D, OFF, qk_scale,
+def _bwd_q_inner(dq, q, do, lse2, delta, k_base, v_base, s_kl, s_vl, KD, VD, hk32, KPM, s_kpm_b,
+                 b, offs_m, offs_d, lo, hi, Lq, Lk, D, OFF, qk_scale,
                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                  HAS_KPM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                 PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """dQ of one query block over key blocks [lo, hi); MASKED as in _fwd_inner."""
+                 BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                 USE_TMA: tl.constexpr):
+    """dQ of one query block over key blocks [lo, hi); MASKED as in _fwd_inner; USE_TMA: K and V
+    tiles through the descriptors KD / VD."""
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _tile(k_base, s_kl, offs_n, Lk, offs_d, D, MASKED, EVEN_D)
-        v = _tile(v_base, s_vl, offs_n, Lk, offs_d, D, MASKED, EVEN_D)
+        if USE_TMA:
+            k = KD.load([b.to(tl.int32), hk32, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+            v = VD.load([b.to(tl.int32), hk32, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        else:
+            k = _tile(k_base, s_kl, offs_n, Lk, offs_d, D, MASKED, EVEN_D)
+            v = _tile(v_base, s_vl, offs_n, Lk, offs_d, D, MASKED, EVEN_D)
         s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
         p = tl.exp2(s - lse2[:, None])
         if MASKED:
@@ -373,7 +384,7 @@ def _bwd_q_inner(dq, q, do, lse2, delta, k_base, v_base, s_kl, s_vl, KPM, s_kpm_
 
 
 @triton.jit
-def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, KPM, ROWS, U, E, DQP,
+def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, KPM, ROWS, U, E, DQP, QD, DOD, KD, VD,
                 s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_db, s_dh, s_dl,
                 s_dqb, s_dqh, s_dql, s_dkb, s_dkh, s_dkl, s_dvb, s_dvh, s_dvl,
                 s_kpm_b, Hq, Hkv, G, Lq, Lk, D, R, sm_scale, N_KV_BLOCKS,
@@ -381,7 +392,7 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, KPM, ROWS, U, E, DQP,
                 HAS_PROBES: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
                 BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_R: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
-                UPCAST: tl.constexpr):
+                UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
     """The whole flash backward in one launch. Axis 1: batch x key/value heads. Axis 0: the first
     N_KV_BLOCKS programs each own one key block (dK, dV summed over the G query heads of the group
     in registers, no atomics), the rest one (query head of the group, query block) each (dQ),
@@ -392,7 +403,9 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, KPM, ROWS, U, E, DQP,
     s * sum_{h, r} dS[h, r, j] q_{h, rows[r]} for its keys j, recomputing P of the R probe rows
     against its key block (an R x BLOCK_N tile) and taking dS in two parts of the input dtype, so
     the probe part keeps float32 accuracy; a dQ program adds DQP[r] (= s * sum_j dS_rj k_j, the
-    probe kernels' dq rows) to the rows of its block that are probe rows."""
+    probe kernels' dq rows) to the rows of its block that are probe rows. USE_TMA (opt-in, sm_90):
+    the loops' tiles (Q and dO in the dK/dV programs, K and V in the dQ programs) through tensor
+    descriptors."""
     pid = tl.program_id(0)
     bhk, b, hk, _ = _heads(Hkv, 1)
     OFF = Lk - Lq
@@ -411,9 +424,10 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, KPM, ROWS, U, E, DQP,
             bh = b * Hq + h
             q_base = Q + b * s_qb + h * s_qh
             do_base = DO + b * s_db + h * s_dh
-            dk, dv = _bwd_kv_inner(dk, dv, k, v, q_base, do_base, s_ql, s_dl, LSE, DELTA, bh, KPM,
-                                   s_kpm_b, b, offs_n, offs_d, lo, hi, Lq, Lk, D, OFF, qk_scale,
-                                   CAUSAL, WINDOW, HAS_KPM, EVEN_D, BLOCK_M1, PREC, UPCAST)
+            dk, dv = _bwd_kv_inner(dk, dv, k, v, q_base, do_base, s_ql, s_dl, QD, DOD,
+                                   h.to(tl.int32), LSE, DELTA, bh, KPM, s_kpm_b, b, offs_n, offs_d,
+                                   lo, hi, Lq, Lk, D, OFF, qk_scale, CAUSAL, WINDOW, HAS_KPM,
+                                   EVEN_D, BLOCK_M1, BLOCK_D, PREC, UPCAST, USE_TMA)
         _store_tile(DV + b * s_dvb + hk * s_dvh, s_dvl, offs_n, Lk, offs_d, D, dv, EVEN_D,
                     UPCAST)
         if HAS_PROBES:  # after dv is stored (fewer live registers)
@@ -463,16 +477,20 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, KPM, ROWS, U, E, DQP,
         v_base = V + b * s_vb + hk * s_vh
         dq = tl.zeros([BLOCK_M2, BLOCK_D], tl.float32)
         lo, fl, fh, hi = _key_split(m0, Lk, OFF, CAUSAL, WINDOW, BLOCK_M2, BLOCK_N2)
+        hk32 = hk.to(tl.int32)
         if WINDOW > 0:
-            dq = _bwd_q_inner(dq, q, do, lse2, delta, k_base, v_base, s_kl, s_vl, KPM, s_kpm_b, b,
-                              offs_m, offs_d, lo, fl, Lq, Lk, D, OFF, qk_scale, True, CAUSAL,
-                              WINDOW, HAS_KPM, EVEN_D, BLOCK_N2, PREC, UPCAST)
-        dq = _bwd_q_inner(dq, q, do, lse2, delta, k_base, v_base, s_kl, s_vl, KPM, s_kpm_b, b,
-                          offs_m, offs_d, fl, fh, Lq, Lk, D, OFF, qk_scale, False, CAUSAL,
-                          WINDOW, HAS_KPM, EVEN_D, BLOCK_N2, PREC, UPCAST)
-        dq = _bwd_q_inner(dq, q, do, lse2, delta, k_base, v_base, s_kl, s_vl, KPM, s_kpm_b, b,
-                          offs_m, offs_d, fh, hi, Lq, Lk, D, OFF, qk_scale, True, CAUSAL,
-                          WINDOW, HAS_KPM, EVEN_D, BLOCK_N2, PREC, UPCAST)
+            dq = _bwd_q_inner(dq, q, do, lse2, delta, k_base, v_base, s_kl, s_vl, KD, VD, hk32,
+                              KPM, s_kpm_b, b, offs_m, offs_d, lo, fl, Lq, Lk, D, OFF, qk_scale,
+                              True, CAUSAL, WINDOW, HAS_KPM, EVEN_D, BLOCK_N2, BLOCK_D, PREC,
+                              UPCAST, USE_TMA)
+        dq = _bwd_q_inner(dq, q, do, lse2, delta, k_base, v_base, s_kl, s_vl, KD, VD, hk32, KPM,
+                          s_kpm_b, b, offs_m, offs_d, fl, fh, Lq, Lk, D, OFF, qk_scale, False,
+                          CAUSAL, WINDOW, HAS_KPM, EVEN_D, BLOCK_N2, BLOCK_D, PREC, UPCAST,
+                          USE_TMA)
+        dq = _bwd_q_inner(dq, q, do, lse2, delta, k_base, v_base, s_kl, s_vl, KD, VD, hk32, KPM,
+                          s_kpm_b, b, offs_m, offs_d, fh, hi, Lq, Lk, D, OFF, qk_scale, True,
+                          CAUSAL, WINDOW, HAS_KPM, EVEN_D, BLOCK_N2, BLOCK_D, PREC, UPCAST,
+                          USE_TMA)
         dq = dq * sm_scale
         if HAS_PROBES:  # + DQP[r] on the rows of this block that are probe rows (already scaled)
             for r0 in range(0, R, BLOCK_R):
@@ -628,7 +646,8 @@ _TMA_FORCE: list = []  # tests: [True] runs the descriptor path in the interpret
 
 
 def use_tma(*tensors) -> bool:
-    """Whether the forward loads through tensor descriptors (TMA): opt-in with ABFT_FAST_TMA=1,
+    """Whether the fused forward and backward load their loop tiles through tensor descriptors
+    (TMA): opt-in with ABFT_FAST_TMA=1,
     on sm_90 or newer (or in the interpreter when a test forces it), 16-bit inputs whose base
     addresses and non-unit strides are 16-byte aligned (TMA's rule) with a unit last stride.
     Off by default until timed against the pointer path on a GPU."""
@@ -743,23 +762,28 @@ def attention_bwd(q, k, v, out, lse, dout, key_padding_mask=None, *, causal=True
     dk = torch.empty(a.b, a.hkv, a.lk, a.d, dtype=k.dtype, device=q.device)
     dv = torch.empty(a.b, a.hkv, a.lk, a.d, dtype=v.dtype, device=q.device)
 
+    tma = use_tma(q, k, v, dout)
+
     def launch(cfg):
         bm1, bn1, warps, stages, bm2, bn2 = cfg
         n_kv = triton.cdiv(a.lk, bn1)
+        descs = ((_descriptor(q, bm1, a.block_d), _descriptor(dout, bm1, a.block_d),
+                  _descriptor(k, bn2, a.block_d), _descriptor(v, bn2, a.block_d)) if tma
+                 else (None,) * 4)
         return _bwd_kernel[(n_kv + a.group * triton.cdiv(a.lq, bm2), a.b * a.hkv)](
-            q, k, v, dout, lse, delta, dq, dk, dv, a.kpm, rows, u, e, dqp,
+            q, k, v, dout, lse, delta, dq, dk, dv, a.kpm, rows, u, e, dqp, *descs,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
             *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], a.s_kpm, a.hq, a.hkv, a.group,
             a.lq, a.lk, a.d, r, scale, n_kv, **a.flags, HAS_PROBES=probes, BLOCK_M1=bm1,
             BLOCK_N1=bn1, BLOCK_M2=bm2, BLOCK_N2=bn2, BLOCK_D=a.block_d, BLOCK_R=16,
-            EVEN_D=a.d == a.block_d, PREC=a.prec, UPCAST=a.upcast, num_warps=warps,
-            num_stages=stages)
+            EVEN_D=a.d == a.block_d, PREC=a.prec, UPCAST=a.upcast, USE_TMA=tma,
+            num_warps=warps, num_stages=stages)
 
     dkdv = _cfg(a.block_d, q.device, "dkdv", q.dtype)
     dqb = _cfg(a.block_d, q.device, "dq", q.dtype)[:2]
     cfg = (*dkdv, *dqb)
     if autotune.enabled(q.device):  # dK/dV tile first (shipped dQ blocks), then the dQ blocks
-        key = _tune_key("bwd", a, q, probes)
+        key = _tune_key("bwd", a, q, probes) + (tma,)
         if "dkdv" not in _tile_override:
             cfg = autotune.pick(key + ("dkdv",), [(*c, *dqb) for c in autotune.candidates(
                 "dkdv", q.dtype, a.block_d, dkdv)], launch)

@@ -11,19 +11,25 @@
 # Each Triton test case compiles its own kernel specialisations (about 18 s per case on the H100
 # with one process, 2026-11-27), so the tests run under pytest-xdist (-n $XDIST, default 8) where
 # it is installed.
-# Stages, each under its own time limit (seconds, env):
+# Stages, each under its own time limit (seconds, env), the decisive numbers first:
 #   1. versions and the GPU (DIR/env.txt);
 #   2. the CUDA C++ extension is built in the background (DIR/cuda_build.log, T_BUILD);
-#   3. Triton compiled on the GPU: tests/ops/test_triton_backend.py, test_sdpa_backend.py,
-#      test_host_sync.py, test_dispatch.py, test_fuzz.py, test_validation.py, tests/hf/test_hf.py
-#      (DIR/test_triton.log, T_TRITON);
-#   4. the CUDA C++ backend: pytest -m gpu tests/ops/test_cuda_backend.py (DIR/test_cuda.log,
+#   3. the decisive numbers (T_DECISIVE): fwd+bwd at the quick shapes (L 4k and 16k, padded,
+#      windowed) of abft auto / sdpa / triton, with and without probes, beside every SDPA
+#      backend and FlexAttention without probes: bench/run.sh -k "$DECISIVE" into DIR/decisive;
+#   3b. the same for abft_triton with ABFT_FAST_TMA=1 ABFT_FAST_AUTOTUNE=1 (T_VARIANT, into
+#      DIR/decisive-tma-tune; its rows carry flags "ABFT_FAST_TMA=1 ABFT_FAST_AUTOTUNE=1");
+#   4. Triton compiled on the GPU: tests/ops/test_triton_backend.py, test_sdpa_backend.py,
+#      test_triton_backward.py, test_autotune.py, test_host_sync.py, test_dispatch.py,
+#      test_fuzz.py, test_validation.py, tests/hf/test_hf.py (DIR/test_triton.log, T_TRITON);
+#   5. the CUDA C++ backend: pytest -m gpu tests/ops/test_cuda_backend.py (DIR/test_cuda.log,
 #      T_CUDA);
-#   5. bench/tune_tiles.py: Triton tile configurations at the quick shape (DIR/tiles.csv and
+#   6. bench/tune_tiles.py: Triton tile configurations at the quick shape (DIR/tiles.csv and
 #      DIR/tiles.log, T_TUNE);
-#   6. ABFT_BENCH_SIZES=quick bash bench/run.sh into DIR/bench (T_BENCH), packed as DIR/bench.tgz.
-# SKIP="cuda tune" (any of triton, cuda, tune, bench) leaves stages out; 8 files at most come back.
-# The last lines printed are the pytest summaries and the benchmark table.
+#   7. the rest of the quick benchmark (T_BENCH) into DIR/bench.
+# Every benchmark directory is packed as DIR/<name>.tgz.
+# SKIP="cuda tune" (any of decisive, triton, cuda, tune, bench) leaves stages out; 8 files at most
+# come back. The last lines printed are the pytest summaries and the benchmark tables.
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -31,8 +37,9 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 export ABFT_FAST_CUDA_BUILD_DIR=${ABFT_FAST_CUDA_BUILD_DIR:-/tmp/abft_fast_cuda_ext} MAX_JOBS=${MAX_JOBS:-16}
 # defaults sum to about 9 minutes, under one device call's 10 (the build overlaps stage 3)
-T_BUILD=${T_BUILD:-180} T_TRITON=${T_TRITON:-200} T_CUDA=${T_CUDA:-90} T_TUNE=${T_TUNE:-120}
-T_BENCH=${T_BENCH:-120}
+T_BUILD=${T_BUILD:-180} T_DECISIVE=${T_DECISIVE:-150} T_VARIANT=${T_VARIANT:-60}
+T_TRITON=${T_TRITON:-150} T_CUDA=${T_CUDA:-60} T_TUNE=${T_TUNE:-60} T_BENCH=${T_BENCH:-60}
+DECISIVE=${DECISIVE:-"both and (abft_auto or abft_sdpa or abft_triton or sdpa_cudnn or sdpa_flash or sdpa_efficient or flex)"}
 # shorter timing budgets than bench/run.sh's defaults, so that the quick grid fits one call
 export ABFT_BENCH_SECONDS=${ABFT_BENCH_SECONDS:-0.5} ABFT_BENCH_E2E_SECONDS=${ABFT_BENCH_E2E_SECONDS:-2}
 PAR=()
@@ -69,17 +76,33 @@ if want cuda; then
   build_pid=$!
 fi
 
+bench_stage() {  # name, time limit, pytest -k filter ("" = all); env passes through
+  ABFT_BENCH_SIZES=quick ABFT_BENCH_RESULTS="$OUT/$1" PYTHON="$PY" \
+    timeout "$2" bash bench/run.sh ${3:+-k "$3"} >"$OUT/$1.log" 2>&1
+  echo "bench exit $?" >>"$OUT/$1.log"
+  tar -czf "$OUT/$1.tgz" -C "$OUT" "$1" && rm -rf "${OUT:?}/$1"
+}
+
+if want decisive; then
+  stamp "3. decisive numbers (fwd+bwd: abft auto / sdpa / triton vs SDPA backends and Flex)"
+  bench_stage decisive "$T_DECISIVE" "$DECISIVE"
+  stamp "3b. abft_triton with ABFT_FAST_TMA=1 ABFT_FAST_AUTOTUNE=1"
+  ABFT_FAST_TMA=1 ABFT_FAST_AUTOTUNE=1 bench_stage decisive-tma-tune "$T_VARIANT" \
+    "both and abft_triton"
+fi
+
 if want triton; then
-  stamp "3. Triton on the GPU"
+  stamp "4. Triton on the GPU"
   timeout "$T_TRITON" "$PY" -m pytest -v -p no:cacheprovider -rfEs "${PAR[@]}" \
-    tests/ops/test_triton_backend.py tests/ops/test_sdpa_backend.py tests/ops/test_host_sync.py \
+    tests/ops/test_triton_backend.py tests/ops/test_sdpa_backend.py \
+    tests/ops/test_triton_backward.py tests/ops/test_autotune.py tests/ops/test_host_sync.py \
     tests/ops/test_dispatch.py tests/ops/test_fuzz.py tests/ops/test_validation.py \
     tests/hf/test_hf.py >"$OUT/test_triton.log" 2>&1
   echo "pytest exit $?" >>"$OUT/test_triton.log"
 fi
 
 if want cuda; then
-  stamp "4. CUDA C++ backend (waiting for the build)"
+  stamp "5. CUDA C++ backend (waiting for the build)"
   wait "$build_pid"
   tail -5 "$OUT/cuda_build.log"
   timeout "$T_CUDA" "$PY" -m pytest -v -p no:cacheprovider -rfEs "${PAR[@]}" -m gpu \
@@ -88,17 +111,14 @@ if want cuda; then
 fi
 
 if want tune; then
-  stamp "5. Triton tile configurations (bench/tune_tiles.py)"
+  stamp "6. Triton tile configurations (bench/tune_tiles.py)"
   timeout "$T_TUNE" "$PY" bench/tune_tiles.py --out "$OUT/tiles.csv" >"$OUT/tiles.log" 2>&1
   echo "tune exit $?" >>"$OUT/tiles.log"
 fi
 
 if want bench; then
-  stamp "6. quick benchmark"
-  ABFT_BENCH_SIZES=quick ABFT_BENCH_RESULTS="$OUT/bench" PYTHON="$PY" \
-    timeout "$T_BENCH" bash bench/run.sh >"$OUT/bench.log" 2>&1
-  echo "bench exit $?" >>"$OUT/bench.log"
-  tar -czf "$OUT/bench.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"
+  stamp "7. the rest of the quick benchmark"
+  bench_stage bench "$T_BENCH" "${DECISIVE:+not (${DECISIVE})}"
 fi
 
 stamp "done"
@@ -110,7 +130,8 @@ for f in test_triton test_cuda; do
   grep -E "^(FAILED|ERROR)|(passed|failed).* in |exit" "$OUT/$f.log" | tail -25
 done
 if [ -f "$OUT/tiles.log" ]; then echo "== tiles"; tail -20 "$OUT/tiles.log"; fi
-if [ -f "$OUT/bench.log" ]; then
-  echo "== bench"; grep -E "passed|failed|error|exit" "$OUT/bench.log" | tail -5
-  tar -xzOf "$OUT/bench.tgz" bench/summary.md 2>/dev/null | head -60
-fi
+for b in decisive decisive-tma-tune bench; do
+  [ -f "$OUT/$b.log" ] || continue
+  echo "== $b"; grep -E "passed|failed|error|exit" "$OUT/$b.log" | tail -5
+  tar -xzOf "$OUT/$b.tgz" "$b/summary.md" 2>/dev/null | head -60
+done

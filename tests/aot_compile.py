@@ -86,13 +86,18 @@ def jit_attrs(fn, sig):
 
 def _compile(fn, dtype, consts, target, warps, stages):
     sig = signature(fn, dtype, consts)
-    if consts.get("USE_TMA"):  # the forward's Q, K, V through tensor descriptors
-        rows = dict(QD=consts["BLOCK_M"], KD=consts["BLOCK_N"], VD=consts["BLOCK_N"])
-        for n, r in rows.items():
-            sig[n] = f"tensordesc<{dtype}[1,1,{r},{consts['BLOCK_D']}]>"
-    elif "QD" in sig:
-        sig.update(QD="constexpr", KD="constexpr", VD="constexpr")
-        consts = dict(consts, QD=None, KD=None, VD=None)
+    descs = [n for n in ("QD", "DOD", "KD", "VD") if n in sig]
+    if consts.get("USE_TMA"):  # loop tiles through tensor descriptors: box rows per tile
+        if fn.__name__ == "_bwd_kernel":  # Q, dO in the dK/dV programs; K, V in the dQ programs
+            rows = dict(QD=consts["BLOCK_M1"], DOD=consts["BLOCK_M1"], KD=consts["BLOCK_N2"],
+                        VD=consts["BLOCK_N2"])
+        else:
+            rows = dict(QD=consts["BLOCK_M"], KD=consts["BLOCK_N"], VD=consts["BLOCK_N"])
+        for n in descs:
+            sig[n] = f"tensordesc<{dtype}[1,1,{rows[n]},{consts['BLOCK_D']}]>"
+    elif descs:
+        sig.update({n: "constexpr" for n in descs})
+        consts = dict(consts, **{n: None for n in descs})
     src = ASTSource(fn, sig, consts, jit_attrs(fn, sig))
     return triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
 
@@ -113,11 +118,14 @@ def flash_configs(cc: int, dtypes=("bf16", "fp16", "fp32"), dims=(64, 128, 256))
                        warps, stages)
             bm1, bn1, warps, stages = kernels._cfg_for(d, cc // 10, "dkdv", fp32)
             bm2, bn2, _, _ = kernels._cfg_for(d, cc // 10, "dq", fp32)
-            yield (kernels._bwd_kernel, "_bwd_kernel", dtype, d,
-                   dict(CAUSAL=True, WINDOW=0, HAS_KPM=True, HAS_PROBES=True, BLOCK_M1=bm1,
-                        BLOCK_N1=bn1, BLOCK_M2=bm2, BLOCK_N2=bn2, BLOCK_D=d, BLOCK_R=16,
-                        EVEN_D=True, PREC=prec, UPCAST=False, BLOCK_M=bm1, BLOCK_N=bn1),
-                   warps, stages)
+            bwd = dict(CAUSAL=True, WINDOW=0, HAS_KPM=True, HAS_PROBES=True, BLOCK_M1=bm1,
+                       BLOCK_N1=bn1, BLOCK_M2=bm2, BLOCK_N2=bn2, BLOCK_D=d, BLOCK_R=16,
+                       EVEN_D=True, PREC=prec, UPCAST=False, BLOCK_M=bm1, BLOCK_N=bn1,
+                       USE_TMA=False)
+            yield kernels._bwd_kernel, "_bwd_kernel", dtype, d, bwd, warps, stages
+            if cc >= 90 and not fp32:  # the opt-in TMA backward
+                yield (kernels._bwd_kernel, "_bwd_kernel_tma", dtype, d, dict(bwd, USE_TMA=True),
+                       warps, stages)
 
 
 def probe_configs(dtypes=("bf16", "fp16", "fp32"), dims=(64, 128, 256), rows=(16, 32, 64)):
@@ -198,7 +206,7 @@ if __name__ == "__main__":
     worst, all_rows = 0, []
     print(*FIELDS)
     for cc in [int(a) for a in args] or [80, 90]:
-        for row in compile_all(cc, with_probes=cc == 90):
+        for row in compile_all(cc):
             assert row["shared"] <= limits[cc], f"shared memory over the sm_{cc} limit: {row}"
             worst = max(worst, row["shared"])
             all_rows.append(row)

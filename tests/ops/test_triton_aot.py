@@ -28,23 +28,25 @@ def test_kernels_compile_for_sm80_and_sm90(tmp_path):
     rows = list(csv.DictReader(report.open()))
     flash = [x for x in rows if x["kernel"] in ("_fwd_kernel", "_bwd_kernel")]
     assert len(flash) == 2 * 3 * 3 * 2  # 2 targets x 3 dtypes x 3 head dims x (fwd, one bwd)
-    tma = [x for x in rows if x["kernel"] == "_fwd_kernel_tma"]
-    assert len(tma) == 2 * 3  # sm_90: fp16 / bf16 x 3 head dims
-    for x in tma:  # the opt-in TMA forward: its loads are TMA loads, and it does not spill
+    tma = [x for x in rows if x["kernel"] in ("_fwd_kernel_tma", "_bwd_kernel_tma")]
+    assert len(tma) == 2 * 2 * 3  # sm_90: (fwd, bwd) x fp16 / bf16 x 3 head dims
+    for x in tma:  # the opt-in TMA kernels: their loop loads are TMA loads, and they do not spill
         assert int(x["tma"]) > 0 and int(x["spills"]) == 0 and int(x["stack"]) == 0, x
     probe = [x for x in rows if x["kernel"] in PROBE_KERNELS]
     assert {x["kernel"] for x in probe} == set(PROBE_KERNELS)
-    assert {(x["dtype"], x["d"]) for x in probe} == {(t, d) for t in ("bf16", "fp16", "fp32")
-                                                     for d in ("64", "128", "256")}
-    for x in probe:  # the sdpa engine's probe kernels and the column-score kernels (sm_90 only)
+    assert {(x["cc"], x["dtype"], x["d"]) for x in probe} == {
+        (cc, t, d) for cc in ("80", "90") for t in ("bf16", "fp16", "fp32")
+        for d in ("64", "128", "256")}
+    for x in probe:  # the sdpa engine's probe kernels and the column-score kernels
         if x["dtype"] in ("bf16", "fp16"):  # keys as the dots' M: wgmma however few the rows
-            assert int(x["hgmma"]) > 0, f"no HGMMA in {x}"
-        if int(x["d"]) <= 128 or x["dtype"] == "fp32" or x["kernel"] != "_probe_dk_kernel":
-            assert int(x["spills"]) == 0 and int(x["stack"]) == 0, f"spills in {x}"
-        else:  # d = 256, 16-bit dk: the fewest spills of the tiles tried (probes._tiles)
+            assert int(x["hgmma" if x["cc"] == "90" else "hmma"]) > 0, f"no MMA in {x}"
+        if x["cc"] == "90" and int(x["d"]) > 128 and x["dtype"] != "fp32" \
+                and x["kernel"] == "_probe_dk_kernel":  # the fewest spills of the tiles tried
             assert int(x["spills"]) <= 100, f"more spills than shipped in {x}"
+        else:
+            assert int(x["spills"]) == 0 and int(x["stack"]) == 0, f"spills in {x}"
     small = [x for x in rows if x["kernel"] in ("_probe_kernel", "_delta_kernel")]
-    assert len(small) == 2 * 2 * 2  # sm_90: 2 dtypes x 2 dims x (probe-from-lse, delta)
+    assert len(small) == 2 * 2 * 2 * 2  # 2 targets x 2 dtypes x 2 dims x (probe-from-lse, delta)
     for x in small:
         assert int(x["spills"]) == 0 and int(x["stack"]) == 0, f"spills in {x}"
     assert len(rows) == len(flash) + len(tma) + len(probe) + len(small)
