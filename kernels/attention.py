@@ -647,10 +647,10 @@ _TMA_FORCE: list = []  # tests: [True] runs the descriptor path in the interpret
 
 def use_tma(*tensors) -> bool:
     """Whether the fused forward and backward load their loop tiles through tensor descriptors
-    (TMA): opt-in with ABFT_FAST_TMA=1,
-    on sm_90 or newer (or in the interpreter when a test forces it), 16-bit inputs whose base
-    addresses and non-unit strides are 16-byte aligned (TMA's rule) with a unit last stride.
-    Off by default until timed against the pointer path on a GPU."""
+    (TMA): opt-in with ABFT_FAST_TMA=1, on sm_90 or newer (or in the interpreter when a test
+    forces it), 16-bit inputs whose base addresses and non-unit strides are 16-byte aligned
+    (TMA's rule) with a unit last stride. Off by default until timed against the pointer path on
+    a GPU."""
     if _TMA_FORCE:
         on = _TMA_FORCE[-1]
     else:

@@ -100,11 +100,22 @@ def _row_grad_stats(LSE, U, b, h, slot, Hq, R, row_ok):
 
 
 @triton.jit
+def _scores_t(k, q, qk_scale, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """S^T [BN, BR] = (q . k) * qk_scale for keys k [BN, BD] and probe rows q [BR, BD]. 16 bits:
+    keys as the dot's M (64 on a GPU: Hopper's wgmma), rows as its N. float32 (no tensor cores
+    to fill): q @ k^T as the flash forward takes it, then transposed, so that P recomputed here
+    equals exactly the P of an lse the flash forward made (a row with one visible key gets
+    p = 1 and a probe gradient of exactly 0, as PyTorch's)."""
+    if q.dtype == tl.float32:
+        return tl.trans(_dot(q, tl.trans(k), PREC, UPCAST)) * qk_scale
+    return _dot(k, tl.trans(q), PREC, UPCAST) * qk_scale
+
+
+@triton.jit
 def _probe_p(k, q, offs_n, kp_ok, row_c, row_ok, lse2, OFF, qk_scale, CAUSAL: tl.constexpr,
              WINDOW: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """P^T [BN, BR] of keys k [BN, BD] for probe rows q [BR, BD] (base-2 lse2), 0 where hidden.
-    Keys are the dot's M dimension (64 on a GPU: Hopper's wgmma), rows its N (16 or more)."""
-    s = _dot(k, tl.trans(q), PREC, UPCAST) * qk_scale
+    """P^T [BN, BR] of keys k [BN, BD] for probe rows q [BR, BD] (base-2 lse2), 0 where hidden."""
+    s = _scores_t(k, q, qk_scale, PREC, UPCAST)
     ok = _key_visible(offs_n, kp_ok, row_c, row_ok, OFF, CAUSAL, WINDOW)
     return tl.where(ok, tl.exp2(tl.where(ok, s - lse2[None, :], 0.0)), 0.0)
 
@@ -135,7 +146,7 @@ def _probe_fwd_kernel(Q, K, ROWS, COLS, P, LSE, KPM,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kp_ok = _key_ok(KPM, s_kpm_b, b, offs_n, Lk, HAS_KPM)
         k = _gather(k_base, s_kl, offs_n, offs_n < Lk, offs_d, D, EVEN_D)
-        s = _dot(k, tl.trans(q), PREC, UPCAST) * qk_scale  # [BN, BR]
+        s = _scores_t(k, q, qk_scale, PREC, UPCAST)  # [BN, BR]
         s = tl.where(_key_visible(offs_n, kp_ok, row_c, row_ok, OFF, CAUSAL, WINDOW), s,
                      float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))
@@ -250,16 +261,18 @@ def _tiles(kind: str, m_rows: int, device: torch.device, dtype: torch.dtype,
 
     16 bits: key blocks of 64 (the dots' M, one Hopper warpgroup's wgmma: HGMMA in every kernel),
     row tiles of 16-64 (the dots' N; dk loops over 16-row tiles, dq takes at most 32 rows), key
-    loads pipelined in 3 stages. float32 (IEEE dots on CUDA cores): 16 rows x 32 keys, 8 warps,
-    no pipelining (2 or 3 stages spill at d 128). Chosen by compiling for sm_90
-    (tests/aot_compile.py): no stack and no spill instruction at d <= 128 in any dtype; at d = 256
-    only the 16-bit dk kernel spills (80 instructions at 2 stages, the fewest of the tiles tried).
-    Not timed."""
+    loads pipelined in 3 stages. float32 (IEEE dots on CUDA cores, scores taken as q @ k^T and
+    transposed, see _scores_t): 16 rows x 16 keys (forward) or 32 keys, 8 warps, unpipelined (2
+    or 3 stages spill at d 128). Chosen by compiling for sm_80 and sm_90 (tests/aot_compile.py):
+    no stack and no spill instruction at d <= 128 in any dtype; at d = 256 the 16-bit dk kernel
+    (72-80 spill instructions on sm_90 at 2 stages) and the float32 forward (57 on sm_90, 39 on
+    sm_80) spill, the fewest of the tiles tried. Not timed.
+    """
     if _interpreting() or device.type != "cuda":
         return 16, 16, 4, 1
     dp = padded_head_dim(d)
     if dtype == torch.float32:
-        return 16, (16 if kind == "dq" and dp > 128 else 32), 8, 1
+        return 16, (16 if kind == "fwd" or (kind == "dq" and dp > 128) else 32), 8, 1
     br = min(64, max(16, triton.next_power_of_2(m_rows)))
     if kind == "dk":
         br = 16

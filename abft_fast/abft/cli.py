@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from dataclasses import asdict
@@ -261,13 +262,13 @@ def cmd_train(args, title="ABFT"):
         "model_load_seconds": load_s, "processes": acc.num_processes,
         "distributed_type": str(acc.distributed_type),
         "settings": {**asdict(cfg), **{
-            k: v for k, v in vars(args).items() if k not in asdict(cfg)}},
+            k: v for k, v in vars(args).items() if k not in asdict(cfg) and k != "argv"}},
         "history": res.history, "eval_before": before, "eval_after": after,
         **({"staicc_accuracy_before": evals_before["staicc"]["accuracy"],
             "staicc_accuracy_after": evals_after["staicc"]["accuracy"],
             "staicc_before": evals_before["staicc"], "staicc_after": evals_after["staicc"]}
            if "staicc" in evals_after else {}),
-        "weights": weights, "command": " ".join(["abft-fast"] + sys.argv[1:]),
+        "weights": weights, "command": shlex.join(["abft-fast", *args.argv]),
     }
     if not getattr(args, "no_plots", False):
         plots.attention_mass(before["attention_mass"], after["attention_mass"],
@@ -288,7 +289,9 @@ def cmd_train(args, title="ABFT"):
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    args.argv = argv  # the command as given, for the report
     if args.cmd == "eval":
         cmd_eval(args)
     elif args.cmd == "train":

@@ -28,6 +28,8 @@ def test_train_then_eval_smoke(model_dir, tmp_path, capsys):
                 "settings", "history"):
         assert key in rep
     assert rep["dataset"] == "sst2" and rep["model"] == model_dir
+    assert rep["command"].startswith(f"abft-fast train --model {model_dir} --dataset sst2 --k 4")
+    assert rep["command"].endswith(f"--out {out} --no-progress") and "argv" not in rep["settings"]
     assert rep["settings"]["use_filter"] is False and rep["settings"]["use_pid"] is True
     assert rep["settings"]["steps"] == 3 and rep["settings"]["micro_batch"] == 2
     assert [h["step"] for h in rep["history"]] == [1, 2, 3]

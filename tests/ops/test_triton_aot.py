@@ -40,8 +40,8 @@ def test_kernels_compile_for_sm80_and_sm90(tmp_path):
     for x in probe:  # the sdpa engine's probe kernels and the column-score kernels
         if x["dtype"] in ("bf16", "fp16"):  # keys as the dots' M: wgmma however few the rows
             assert int(x["hgmma" if x["cc"] == "90" else "hmma"]) > 0, f"no MMA in {x}"
-        if x["cc"] == "90" and int(x["d"]) > 128 and x["dtype"] != "fp32" \
-                and x["kernel"] == "_probe_dk_kernel":  # the fewest spills of the tiles tried
+        if int(x["d"]) > 128 and (x["kernel"], x["dtype"] == "fp32") in (
+                ("_probe_dk_kernel", False), ("_probe_fwd_kernel", True)):  # the fewest tried
             assert int(x["spills"]) <= 100, f"more spills than shipped in {x}"
         else:
             assert int(x["spills"]) == 0 and int(x["stack"]) == 0, f"spills in {x}"
