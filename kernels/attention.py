@@ -43,15 +43,23 @@ def _interpreting() -> bool:
 
 
 @triton.jit
+def _sees(row_ok, qpos, key_ok, kpos, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """The visibility rule, once for every kernel, on operands that broadcast to a tile: a valid
+    query row at absolute position qpos sees a valid key (in range, not padding) at kpos when
+    kpos <= qpos (causal) and kpos > qpos - WINDOW (window)."""
+    ok = row_ok & key_ok
+    if CAUSAL:
+        ok = ok & (kpos <= qpos)
+        if WINDOW > 0:
+            ok = ok & (kpos > qpos - WINDOW)
+    return ok
+
+
+@triton.jit
 def _visible(offs_m, offs_n, Lq, Lk, kp_ok, OFF, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     """[BM, BN] visibility of keys offs_n to queries offs_m (kp_ok: [BN] padding, in-range)."""
-    ok = (offs_m[:, None] < Lq) & kp_ok[None, :]
-    if CAUSAL:
-        qpos = offs_m[:, None] + OFF
-        ok = ok & (offs_n[None, :] <= qpos)
-        if WINDOW > 0:
-            ok = ok & (offs_n[None, :] > qpos - WINDOW)
-    return ok
+    return _sees((offs_m < Lq)[:, None], offs_m[:, None] + OFF, kp_ok[None, :], offs_n[None, :],
+                 CAUSAL, WINDOW)
 
 
 @triton.jit

@@ -23,19 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import _dot, _heads, _interpreting, _key_ok, _launch, _prep
+from .attention import _dot, _heads, _interpreting, _key_ok, _launch, _prep, _sees
 
 
 @triton.jit
 def _row_visible(row_c, row_ok, offs_n, kp_ok, OFF, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     """[BM, BN] visibility of keys offs_n (kp_ok: padding, in range) to query rows row_c."""
-    ok = row_ok[:, None] & kp_ok[None, :]
-    if CAUSAL:
-        qpos = row_c[:, None] + OFF
-        ok = ok & (offs_n[None, :] <= qpos)
-        if WINDOW > 0:
-            ok = ok & (offs_n[None, :] > qpos - WINDOW)
-    return ok
+    return _sees(row_ok[:, None], row_c[:, None] + OFF, kp_ok[None, :], offs_n[None, :], CAUSAL,
+                 WINDOW)
 
 
 @triton.jit

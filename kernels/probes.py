@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import _add_dot_f32, _dot, _interpreting, _key_ok, padded_head_dim
+from .attention import _add_dot_f32, _dot, _interpreting, _key_ok, _sees, padded_head_dim
 
 
 @triton.jit
@@ -63,13 +63,8 @@ def _probe_tile(Q, ROWS, s_qb, s_qh, s_ql, b, hk, G, R, Lq, D, pid_r,
 @triton.jit
 def _key_visible(offs_n, kp_ok, row_c, row_ok, OFF, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     """[BN, BR] visibility of keys offs_n (kp_ok: padding, in range) to probe rows row_c."""
-    ok = kp_ok[:, None] & row_ok[None, :]
-    if CAUSAL:
-        qpos = row_c[None, :] + OFF
-        ok = ok & (offs_n[:, None] <= qpos)
-        if WINDOW > 0:
-            ok = ok & (offs_n[:, None] > qpos - WINDOW)
-    return ok
+    return _sees(row_ok[None, :], row_c[None, :] + OFF, kp_ok[:, None], offs_n[:, None], CAUSAL,
+                 WINDOW)
 
 
 @triton.jit
