@@ -401,3 +401,28 @@ def test_dq_rows_kernel_skips_keys_outside_the_window():
                                    window=window)
     assert torch.equal(p, p2) and torch.equal(lse, lse2)
     assert torch.isfinite(dq2).all() and torch.equal(dq, dq2)
+
+
+class _Launches:
+    """Counts launches of a Triton kernel (``kernel[grid](...)``)."""
+
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        self.log.append(self.kernel.fn.__name__ if hasattr(self.kernel, "fn") else "kernel")
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("case", [Case(2, 8, 2, 24, 24, 32, r=5, c=7),  # G x R = 20: 2 row tiles
+                                  Case(1, 4, 1, 9, 30, 16, r=2, c=None)], ids=str)
+def test_probes_take_three_kernel_launches(case, monkeypatch):
+    """The sdpa engine's probes cost one Triton launch in the forward (lse and P of every probe
+    row, all row tiles in one grid) and two in the backward (dk in place, the probe rows' dq),
+    whatever the number of probe rows: issue 16's "three launches or fewer"."""
+    log = []
+    for name in ("_probe_fwd_kernel", "_probe_dk_kernel", "_probe_dq_kernel"):
+        monkeypatch.setattr(probes, name, _Launches(getattr(probes, name), log))
+    inp = on_device(make_inputs(case, fresh_generator()), DEV)
+    run(attention_fn("sdpa"), case, inp, torch.float32)
+    assert sorted(log) == sorted(["_probe_fwd_kernel", "_probe_dk_kernel", "_probe_dq_kernel"]), log
