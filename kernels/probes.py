@@ -260,7 +260,7 @@ def _tiles(kind: str, m_rows: int, device: torch.device, dtype: torch.dtype,
     transposed, see _scores_t): 16 rows x 16 keys (forward) or 32 keys, 8 warps, unpipelined (2
     or 3 stages spill at d 128). Chosen by compiling for sm_80 and sm_90 (tests/aot_compile.py):
     no stack and no spill instruction at d <= 128 in any dtype; at d = 256 the 16-bit dk kernel
-    (72-80 spill instructions on sm_90 at 2 stages) and the float32 forward (57 on sm_90, 39 on
+    (82-88 spill instructions on sm_90 at 2 stages) and the float32 forward (57 on sm_90, 39 on
     sm_80) spill, the fewest of the tiles tried. Not timed.
     """
     if _interpreting() or device.type != "cuda":
