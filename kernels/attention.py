@@ -106,6 +106,17 @@ def _tile(base, s_l, offs, L, offs_d, D, BOUND: tl.constexpr, EVEN_D: tl.constex
 
 
 @triton.jit
+def _rows(desc, base, s_l, b32, h32, start, offs, L, offs_d, D, BOUND: tl.constexpr,
+          EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """Rows offs (= start + arange) of the [L, D] matrix of batch b32, head h32: through the
+    tensor descriptor desc ([B, H, L, D], boxes zero-filled out of bounds) with USE_TMA, else the
+    pointer load of _tile from base (that matrix's first element)."""
+    if USE_TMA:
+        return desc.load([b32, h32, start, 0]).reshape(offs.shape[0], offs_d.shape[0])
+    return _tile(base, s_l, offs, L, offs_d, D, BOUND, EVEN_D)
+
+
+@triton.jit
 def _store_tile(base, s_l, offs, L, offs_d, D, x, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
     """Store float32 x in base's dtype. UPCAST (bfloat16 in Triton's CPU interpreter, which casts
     float32 to bfloat16 by truncation, twice the error of the GPU's round-to-nearest-even):
@@ -185,17 +196,13 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, s_kl, s_vl, KD, VD, hk, KPM, s_
                offs_d, lo, hi, Lq, Lk, D, OFF, qk_scale,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                HAS_KPM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-               USE_TMA: tl.constexpr):
+               PREC: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
     """Online softmax over key blocks [lo, hi); MASKED applies causal / window / bounds (boundary
     blocks), else only the padding mask (whole visible blocks). USE_TMA: K and V tiles come
     through the tensor descriptors KD / VD ([B, Hkv, Lk, D], zero-filled out of bounds)."""
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        if USE_TMA:
-            k = KD.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-        else:
-            k = _tile(k_base, s_kl, offs_n, Lk, offs_d, D, MASKED, EVEN_D)
+        k = _rows(KD, k_base, s_kl, b, hk, start_n, offs_n, Lk, offs_d, D, MASKED, EVEN_D, USE_TMA)
         s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
         if MASKED:
             kp_ok = _key_ok(KPM, s_kpm_b, b, offs_n, Lk, HAS_KPM)
@@ -210,10 +217,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, s_kl, s_vl, KD, VD, hk, KPM, s_
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if USE_TMA:
-            v = VD.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-        else:
-            v = _tile(v_base, s_vl, offs_n, Lk, offs_d, D, MASKED, EVEN_D)
+        v = _rows(VD, v_base, s_vl, b, hk, start_n, offs_n, Lk, offs_d, D, MASKED, EVEN_D, USE_TMA)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, UPCAST)
         m_i = m_new
     return acc, l_i, m_i
@@ -239,10 +243,8 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM, QD, KD, VD,
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    if USE_TMA:
-        q = QD.load([b.to(tl.int32), h.to(tl.int32), m0, 0]).reshape(BLOCK_M, BLOCK_D)
-    else:
-        q = _tile(Q + b * s_qb + h * s_qh, s_ql, offs_m, Lq, offs_d, D, True, EVEN_D)
+    q = _rows(QD, Q + b * s_qb + h * s_qh, s_ql, b.to(tl.int32), h.to(tl.int32), m0, offs_m, Lq,
+              offs_d, D, True, EVEN_D, USE_TMA)
     k_base = K + b * s_kb + hk * s_kh
     v_base = V + b * s_vb + hk * s_vh
     b32, hk32 = b.to(tl.int32), hk.to(tl.int32)
@@ -254,15 +256,15 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM, QD, KD, VD,
     if WINDOW > 0:  # the window's lower edge
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, s_kl, s_vl, KD, VD, hk32, KPM,
                                    s_kpm_b, b32, offs_m, offs_d, lo, fl, Lq, Lk, D, OFF, qk_scale,
-                                   True, CAUSAL, WINDOW, HAS_KPM, EVEN_D, BLOCK_N, BLOCK_D, PREC,
+                                   True, CAUSAL, WINDOW, HAS_KPM, EVEN_D, BLOCK_N, PREC,
                                    UPCAST, USE_TMA)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, s_kl, s_vl, KD, VD, hk32, KPM,
                                s_kpm_b, b32, offs_m, offs_d, fl, fh, Lq, Lk, D, OFF, qk_scale,
-                               False, CAUSAL, WINDOW, HAS_KPM, EVEN_D, BLOCK_N, BLOCK_D, PREC,
+                               False, CAUSAL, WINDOW, HAS_KPM, EVEN_D, BLOCK_N, PREC,
                                UPCAST, USE_TMA)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, s_kl, s_vl, KD, VD, hk32, KPM,
                                s_kpm_b, b32, offs_m, offs_d, fh, hi, Lq, Lk, D, OFF, qk_scale,
-                               True, CAUSAL, WINDOW, HAS_KPM, EVEN_D, BLOCK_N, BLOCK_D, PREC,
+                               True, CAUSAL, WINDOW, HAS_KPM, EVEN_D, BLOCK_N, PREC,
                                UPCAST, USE_TMA)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -332,8 +334,8 @@ def _delta_kernel(O, DO, DELTA, s_ob, s_oh, s_ol, s_db, s_dh, s_dl, Hq, Lq, D,
 def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, s_ql, s_dl, QD, DOD, h32, LSE, DELTA, bh, KPM,
                   s_kpm_b, b, offs_n, offs_d, lo, hi, Lq, Lk, D, OFF, qk_scale,
                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
-                  EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                  PREC: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
+                  EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr,
+                  UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
     """dK, dV of one key block over query blocks [lo, hi) of one query head (transposed tiles:
     [BN, BM]). Every tile is masked: split into boundary and whole blocks as the forward is, this
     loop spills on sm_90 at every tile tried (tests/aot_compile.py), one loop does not. USE_TMA:
@@ -341,12 +343,10 @@ def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, s_ql, s_dl, QD, DOD, h32, LSE, 
     kp_ok = _key_ok(KPM, s_kpm_b, b, offs_n, Lk, HAS_KPM)
     for start_m in tl.range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        if USE_TMA:
-            q = QD.load([b.to(tl.int32), h32, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
-            do = DOD.load([b.to(tl.int32), h32, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
-        else:
-            q = _tile(q_base, s_ql, offs_m, Lq, offs_d, D, True, EVEN_D)
-            do = _tile(do_base, s_dl, offs_m, Lq, offs_d, D, True, EVEN_D)
+        b32 = b.to(tl.int32)
+        q = _rows(QD, q_base, s_ql, b32, h32, start_m, offs_m, Lq, offs_d, D, True, EVEN_D, USE_TMA)
+        do = _rows(DOD, do_base, s_dl, b32, h32, start_m, offs_m, Lq, offs_d, D, True, EVEN_D,
+                   USE_TMA)
         lse = tl.load(LSE + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
         delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -365,18 +365,16 @@ def _bwd_q_inner(dq, q, do, lse2, delta, k_base, v_base, s_kl, s_vl, KD, VD, hk3
                  b, offs_m, offs_d, lo, hi, Lq, Lk, D, OFF, qk_scale,
                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                  HAS_KPM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                 USE_TMA: tl.constexpr):
+                 PREC: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
     """dQ of one query block over key blocks [lo, hi); MASKED as in _fwd_inner; USE_TMA: K and V
     tiles through the descriptors KD / VD."""
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        if USE_TMA:
-            k = KD.load([b.to(tl.int32), hk32, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-            v = VD.load([b.to(tl.int32), hk32, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-        else:
-            k = _tile(k_base, s_kl, offs_n, Lk, offs_d, D, MASKED, EVEN_D)
-            v = _tile(v_base, s_vl, offs_n, Lk, offs_d, D, MASKED, EVEN_D)
+        b32 = b.to(tl.int32)
+        k = _rows(KD, k_base, s_kl, b32, hk32, start_n, offs_n, Lk, offs_d, D, MASKED, EVEN_D,
+                  USE_TMA)
+        v = _rows(VD, v_base, s_vl, b32, hk32, start_n, offs_n, Lk, offs_d, D, MASKED, EVEN_D,
+                  USE_TMA)
         s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
         p = tl.exp2(s - lse2[:, None])
         if MASKED:
@@ -435,7 +433,7 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, KPM, ROWS, U, E, DQP, QD, D
             dk, dv = _bwd_kv_inner(dk, dv, k, v, q_base, do_base, s_ql, s_dl, QD, DOD,
                                    h.to(tl.int32), LSE, DELTA, bh, KPM, s_kpm_b, b, offs_n, offs_d,
                                    lo, hi, Lq, Lk, D, OFF, qk_scale, CAUSAL, WINDOW, HAS_KPM,
-                                   EVEN_D, BLOCK_M1, BLOCK_D, PREC, UPCAST, USE_TMA)
+                                   EVEN_D, BLOCK_M1, PREC, UPCAST, USE_TMA)
         _store_tile(DV + b * s_dvb + hk * s_dvh, s_dvl, offs_n, Lk, offs_d, D, dv, EVEN_D,
                     UPCAST)
         if HAS_PROBES:  # after dv is stored (fewer live registers)
@@ -489,15 +487,15 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, KPM, ROWS, U, E, DQP, QD, D
         if WINDOW > 0:
             dq = _bwd_q_inner(dq, q, do, lse2, delta, k_base, v_base, s_kl, s_vl, KD, VD, hk32,
                               KPM, s_kpm_b, b, offs_m, offs_d, lo, fl, Lq, Lk, D, OFF, qk_scale,
-                              True, CAUSAL, WINDOW, HAS_KPM, EVEN_D, BLOCK_N2, BLOCK_D, PREC,
+                              True, CAUSAL, WINDOW, HAS_KPM, EVEN_D, BLOCK_N2, PREC,
                               UPCAST, USE_TMA)
         dq = _bwd_q_inner(dq, q, do, lse2, delta, k_base, v_base, s_kl, s_vl, KD, VD, hk32, KPM,
                           s_kpm_b, b, offs_m, offs_d, fl, fh, Lq, Lk, D, OFF, qk_scale, False,
-                          CAUSAL, WINDOW, HAS_KPM, EVEN_D, BLOCK_N2, BLOCK_D, PREC, UPCAST,
+                          CAUSAL, WINDOW, HAS_KPM, EVEN_D, BLOCK_N2, PREC, UPCAST,
                           USE_TMA)
         dq = _bwd_q_inner(dq, q, do, lse2, delta, k_base, v_base, s_kl, s_vl, KD, VD, hk32, KPM,
                           s_kpm_b, b, offs_m, offs_d, fh, hi, Lq, Lk, D, OFF, qk_scale, True,
-                          CAUSAL, WINDOW, HAS_KPM, EVEN_D, BLOCK_N2, BLOCK_D, PREC, UPCAST,
+                          CAUSAL, WINDOW, HAS_KPM, EVEN_D, BLOCK_N2, PREC, UPCAST,
                           USE_TMA)
         dq = dq * sm_scale
         if HAS_PROBES:  # + DQP[r] on the rows of this block that are probe rows (already scaled)
