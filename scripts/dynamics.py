@@ -346,17 +346,13 @@ def train_run(model, tok, task, cfg, label_offset=0, on_eval=None, eval_at=(), p
     from abft_fast.abft import data
     from abft_fast.abft.loss import abft_loss
     from abft_fast.abft.objective import ProbeForward
-    from abft_fast.abft.params import freeze_all_but_qk, unwrap
+    from abft_fast.abft.params import freeze_all_but_qk
     from abft_fast.abft.pid import PID
+    from abft_fast.abft.trainer import encode_training_prompts
     cfg.check()
     set_seed(cfg.seed)
     freeze_all_but_qk(model)
-    lm = unwrap(model)
-    prompts = data.training_prompts(task, cfg.train_prompts, cfg.k, cfg.seed)
-    label_ids = data.label_token_ids(tok, task.label_words, task.template.label_prefix)
-    encoded = data.encode(tok, prompts, label_ids=label_ids,
-                          max_length=data.context_length(lm, cfg.max_length), truncate=True)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    encoded, pad = encode_training_prompts(model, tok, task, cfg)
     n_micro = cfg.batch // cfg.micro_batch
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr)

@@ -19,7 +19,8 @@ from .params import add_lora, freeze_all_but_qk, load_qk, qk_parameters, save_qk
 from .pid import PID
 
 __all__ = ["TrainConfig", "TrainResult", "add_lora", "enable_gradient_checkpointing",
-           "freeze_all_but_qk", "load_qk", "qk_parameters", "save_qk", "train", "unwrap"]
+           "encode_training_prompts", "freeze_all_but_qk", "load_qk", "qk_parameters", "save_qk",
+           "train", "unwrap"]
 
 
 @dataclass
@@ -197,6 +198,17 @@ def _fingerprint_config(cfg: TrainConfig) -> dict:
     return d
 
 
+def encode_training_prompts(model, tokenizer, task: data.Task, cfg: TrainConfig):
+    """The run's training prompts (cfg.train_prompts of k demonstrations, drawn with cfg.seed),
+    encoded with their label positions and truncated to the model's context: (encoded, pad id)."""
+    prompts = data.training_prompts(task, cfg.train_prompts, cfg.k, cfg.seed)
+    label_ids = data.label_token_ids(tokenizer, task.label_words, task.template.label_prefix)
+    encoded = data.encode(tokenizer, prompts, label_ids=label_ids,
+                          max_length=data.context_length(unwrap(model), cfg.max_length),
+                          truncate=True)
+    return encoded, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def train(model, tokenizer, task: data.Task, cfg: TrainConfig, progress=True, accelerator=None,
           save_every: int = 0, checkpoint_dir=None, resume=None, on_step=None):
     """ABFT on ``task``'s pool prompts. Returns a ``TrainResult``; trains ``model`` in place.
@@ -226,11 +238,7 @@ def train(model, tokenizer, task: data.Task, cfg: TrainConfig, progress=True, ac
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     lm = unwrap(model)
-    prompts = data.training_prompts(task, cfg.train_prompts, cfg.k, cfg.seed)
-    label_ids = data.label_token_ids(tokenizer, task.label_words, task.template.label_prefix)
-    encoded = data.encode(tokenizer, prompts, label_ids=label_ids,
-                          max_length=data.context_length(lm, cfg.max_length), truncate=True)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded, pad = encode_training_prompts(model, tokenizer, task, cfg)
 
     n_micro = cfg.batch // cfg.micro_batch
     acc = accelerator or make_accelerator()
