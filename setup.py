@@ -2,7 +2,11 @@
 
 ``kernels/`` installs as ``abft_fast.kernels`` and ``csrc/`` as ``abft_fast.csrc`` (sources for the
 JIT-built CUDA extension); nothing installs a top-level ``kernels`` module, a name that belongs to
-the HuggingFace ``kernels`` package which transformers probes for.
+the HuggingFace ``kernels`` package which transformers imports. In the source tree ``kernels/`` has
+no ``__init__.py``: a directory without one never shadows an installed regular package, so the
+checkout root on ``sys.path`` (``python -m pytest``, ``python -c`` from the root) leaves
+``import kernels`` to HuggingFace's. ``abft_fast/kernels`` is a symbolic link to it, which makes
+``abft_fast.kernels`` the same (namespace) package in a checkout, an editable install and a wheel.
 
 Set ``ABFT_FAST_BUILD_CUDA=1`` to compile the CUDA extension at install time (needs nvcc and a CUDA
 torch); otherwise it is JIT-compiled with ninja on first use of backend="cuda".
@@ -40,7 +44,7 @@ setup(
     license="Apache-2.0",
     packages=["abft_fast", "abft_fast.ops", "abft_fast.hf", "abft_fast.abft", "abft_fast.kernels",
               "abft_fast.csrc"],
-    package_dir={"abft_fast": "abft_fast", "abft_fast.kernels": "kernels", "abft_fast.csrc": "csrc"},
+    package_dir={"abft_fast": "abft_fast", "abft_fast.csrc": "csrc"},
     package_data={"abft_fast.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"]},
     install_requires=[
         "torch>=2.5",

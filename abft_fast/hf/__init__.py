@@ -26,9 +26,8 @@ try:
     from transformers.masking_utils import AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
 except ImportError as e:  # pragma: no cover - depends on the installed transformers
-    raise ImportError(
-        "abft_fast.hf needs transformers >= 4.53 (transformers.masking_utils with "
-        f"AttentionMaskInterface): {e}. Upgrade with `pip install 'transformers>=4.53'`.") from e
+    from ._requirements import import_failure
+    raise import_failure(e) from e
 
 __all__ = ["NAME", "AbftMask", "ColumnScoreRecorder", "ProbeRecorder", "UnsupportedMaskError",
            "attention_forward", "column_scores", "describe_mask_function", "get_backend",
