@@ -47,10 +47,13 @@ setup(
     package_dir={"abft_fast": "abft_fast", "abft_fast.csrc": "csrc"},
     package_data={"abft_fast.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"]},
     install_requires=[
-        "torch>=2.5",
-        "triton>=3.0; platform_system == 'Linux'",
+        # The supported range: its lower ends are the lent GPU machine's versions (torch 2.11,
+        # triton 3.6, transformers 5.17), tested on the CPU by `make test-gpu-image` (torch 2.13
+        # there: 2.11 has no CPU wheel on PyPI); its upper ends by `make test-newest`.
+        "torch>=2.11",
+        "triton>=3.6; platform_system == 'Linux'",
         "numpy",
-        "transformers>=4.53",
+        "transformers>=5.17",
         "accelerate>=1.0",
         "safetensors",
         "tqdm",

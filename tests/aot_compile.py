@@ -4,8 +4,14 @@ package: registers, stack bytes, spill instructions (LDL / STL), HGMMA (Hopper's
 tensor cores) vs HMMA (mma.sync), shared memory. Catches what the interpreter accepts but the
 compiler rejects, and tiles that do not fit a generation's shared memory.
 
-Usage: python tests/aot_compile.py [90 80] [--csv PATH]. One line per kernel configuration:
-cc dtype d kernel BLOCK_M BLOCK_N warps stages shared regs stack spills hgmma hmma.
+Beside each kernel's base specialisation (causal, key padding, probes, an aligned power-of-two head
+dim), the specialisations users reach are compiled for sm_90 at d <= 128 (``VARIANTS``): a sliding
+window, non-causal, a head dim padded to the next power of two (EVEN_D false, e.g. d 96 in a
+128-wide tile), window and padded head dim together, and full-row probes.
+
+Usage: python tests/aot_compile.py [90 80] [--csv PATH] [--base-only]. One line per kernel
+configuration: cc dtype d kernel variant BLOCK_M BLOCK_N warps stages shared regs stack spills
+hgmma hmma tma.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ import abft_fast.kernels.column_scores as cs_kernels
 import abft_fast.kernels.probes as probe_kernels
 
 PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
-FIELDS = ("cc", "dtype", "d", "kernel", "BLOCK_M", "BLOCK_N", "warps", "stages", "shared", "regs",
+FIELDS = ("cc", "dtype", "d", "kernel", "variant", "BLOCK_M", "BLOCK_N", "warps", "stages", "shared", "regs",
           "stack", "spills", "hgmma", "hmma", "tma")
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                          "cuobjdump")
@@ -181,18 +187,50 @@ def _strip(consts, fn):
     return {k: v for k, v in consts.items() if k in fn.arg_names}
 
 
-def compile_all(cc: int, with_probes: bool = True):
+# The specialisations users reach beyond the base one: constexpr overrides (applied where the
+# kernel has the argument). WINDOW's value only enters a comparison; any positive value compiles
+# the same code.
+VARIANTS = {
+    "window": dict(WINDOW=64),
+    "noncausal": dict(CAUSAL=False, WINDOW=0),
+    "odd_d": dict(EVEN_D=False),
+    "window_odd_d": dict(WINDOW=64, EVEN_D=False),
+}
+
+
+def variant_configs(cc: int):
+    """Every kernel family at d 64 / 128 in each of ``VARIANTS`` (the probe kernels at their
+    widest row tile per kind), plus full-row probes (FULL_ROWS) for the kernels that have them."""
+    dims, dtypes = (64, 128), ("bf16", "fp32")  # fp16 compiles bf16's code but for the casts
+    base = [c for c in flash_configs(cc, dtypes, dims) if not c[1].endswith("_tma")]
+    widest = {}
+    for c in probe_configs(dtypes, dims):
+        widest[(c[1], c[2], c[3])] = c  # the last tile per kind = the most rows
+    base += list(widest.values()) + list(column_score_configs(dtypes, dims))
+    base += list(small_configs(dtypes, dims))
+    for fn, name, dtype, d, consts, warps, stages in base:
+        for variant, over in VARIANTS.items():
+            if all(k in consts for k in over) and any(consts[k] != v for k, v in over.items()):
+                yield fn, name, dtype, d, dict(consts, **over), warps, stages, variant
+        if "FULL_ROWS" in consts:
+            yield fn, name, dtype, d, dict(consts, FULL_ROWS=True), warps, stages, "full_rows"
+
+
+def compile_all(cc: int, with_probes: bool = True, variants: bool = True):
     target = GPUTarget("cuda", cc, 32)
     rows = []
-    configs = list(flash_configs(cc))
+    configs = [(*c, "base") for c in flash_configs(cc)]
     if with_probes:
-        configs += list(probe_configs()) + list(column_score_configs()) + list(small_configs())
-    for fn, name, dtype, d, consts, warps, stages in configs:
+        configs += [(*c, "base") for c in (list(probe_configs()) + list(column_score_configs())
+                                           + list(small_configs()))]
+    if variants and cc >= 90:
+        configs += list(variant_configs(cc))
+    for fn, name, dtype, d, consts, warps, stages, variant in configs:
         k = _compile(fn, dtype, _strip(consts, fn), target, warps, stages)
         st = sass_stats(k)
-        rows.append(dict(cc=cc, dtype=dtype, d=d, kernel=name, BLOCK_M=consts["BLOCK_M"],
-                         BLOCK_N=consts["BLOCK_N"], warps=warps, stages=stages,
-                         shared=k.metadata.shared, **st))
+        rows.append(dict(cc=cc, dtype=dtype, d=d, kernel=name, variant=variant,
+                         BLOCK_M=consts["BLOCK_M"], BLOCK_N=consts["BLOCK_N"], warps=warps,
+                         stages=stages, shared=k.metadata.shared, **st))
         print(*(rows[-1][f] for f in FIELDS), flush=True)
     return rows
 
@@ -206,7 +244,7 @@ if __name__ == "__main__":
     worst, all_rows = 0, []
     print(*FIELDS)
     for cc in [int(a) for a in args] or [80, 90]:
-        for row in compile_all(cc):
+        for row in compile_all(cc, variants="--base-only" not in sys.argv):
             assert row["shared"] <= limits[cc], f"shared memory over the sm_{cc} limit: {row}"
             worst = max(worst, row["shared"])
             all_rows.append(row)

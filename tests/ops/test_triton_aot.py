@@ -25,7 +25,8 @@ def test_kernels_compile_for_sm80_and_sm90(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     print(r.stdout)
     assert "all kernels compiled" in r.stdout
-    rows = list(csv.DictReader(report.open()))
+    every = list(csv.DictReader(report.open()))
+    rows = [x for x in every if x["variant"] == "base"]
     flash = [x for x in rows if x["kernel"] in ("_fwd_kernel", "_bwd_kernel")]
     assert len(flash) == 2 * 3 * 3 * 2  # 2 targets x 3 dtypes x 3 head dims x (fwd, one bwd)
     tma = [x for x in rows if x["kernel"] in ("_fwd_kernel_tma", "_bwd_kernel_tma")]
@@ -50,6 +51,7 @@ def test_kernels_compile_for_sm80_and_sm90(tmp_path):
     for x in small:
         assert int(x["spills"]) == 0 and int(x["stack"]) == 0, f"spills in {x}"
     assert len(rows) == len(flash) + len(tma) + len(probe) + len(small)
+    check_variants([x for x in every if x["variant"] != "base"])
     for x in flash:
         sixteen = x["dtype"] in ("bf16", "fp16")
         if x["cc"] == "90" and sixteen and int(x["d"]) <= 128:  # d = 256 takes mma.sync tiles
@@ -59,3 +61,20 @@ def test_kernels_compile_for_sm80_and_sm90(tmp_path):
         # the fused engine: no stack and no spill instruction in any dtype, head dim or target,
         # at the specialisation the JIT makes for aligned inputs (issue 16)
         assert int(x["spills"]) == 0 and int(x["stack"]) == 0, f"spills in {x}"
+
+
+def check_variants(rows):
+    """The specialisations users reach (sm_90, d 64 / 128): a window, non-causal, a head dim padded
+    to the next power of two, both, full-row probes: every kernel family in each, no stack and no
+    spill anywhere, HGMMA in every 16-bit flash and probe kernel."""
+    assert rows and {x["cc"] for x in rows} == {"90"}
+    assert {x["variant"] for x in rows} == {"window", "noncausal", "odd_d", "window_odd_d",
+                                            "full_rows"}
+    kernels = {x["kernel"] for x in rows}
+    assert {"_fwd_kernel", "_bwd_kernel", "_row_lse_kernel", "_col_sum_kernel",
+            "_probe_kernel"} | set(PROBE_KERNELS[:3]) <= kernels, kernels
+    for x in rows:
+        assert int(x["d"]) <= 128
+        assert int(x["spills"]) == 0 and int(x["stack"]) == 0, f"spills in {x}"
+        if x["dtype"] != "fp32" and x["kernel"] not in ("_probe_kernel", "_delta_kernel"):
+            assert int(x["hgmma"]) > 0, f"no HGMMA in {x}"
