@@ -571,10 +571,14 @@ def _cfg_for(d_pad: int, major: int, kind: str, fp32: bool = False):
     x sm_80 / sm_90). Not yet timed on a GPU (bench/tune_tiles.py)."""
     big = d_pad > 128
     if fp32:  # IEEE dots on CUDA cores: small tiles, mostly 8 warps (4 spill on sm_90)
-        if kind == "fwd":
-            return (16, 16, 8, 2) if big else (16, 64, 8, 2)
+        if kind == "fwd":  # no spill with triton 3.6 or 3.9 in any specialisation of the report
+            if big:
+                return 16, 16, 8, 2
+            return (32, 16, 8, 2) if d_pad > 64 else (16, 16, 8, 1)
         warps = 4 if major < 9 and 64 < d_pad <= 128 else 8  # sm_80 d 128 spills with 8
-        return (16, 32, warps, 2) if kind == "dkdv" else (32, 16, warps, 2)
+        # sm_90 d 128: 16 x 32 dK/dV tiles spill with triton 3.6 when the head dim is padded
+        bn1 = 16 if major >= 9 and 64 < d_pad <= 128 else 32
+        return (16, bn1, warps, 2) if kind == "dkdv" else (32, 16, warps, 2)
     if kind == "fwd":
         if big:
             return (64, 64, 8, 2) if major >= 9 else (64, 32, 8, 2)
@@ -583,9 +587,10 @@ def _cfg_for(d_pad: int, major: int, kind: str, fp32: bool = False):
         return 64, 64, 4, 3
     if big:  # wgmma's 64-row tiles spill at d = 256 (measured); these take mma.sync
         return (16, 32, 8, 2) if kind == "dkdv" else (32, 16, 8, 2)
-    if major >= 9:
-        return (32, 128, 8, 2) if kind == "dkdv" else (128, 64, 8, 2)
-    return (32, 64, 8, 2) if kind == "dkdv" else (64, 32, 8, 2)
+    if major >= 9:  # d 128: 32 x 128 dK/dV tiles spill non-causal with triton 3.9
+        return ((32, 64 if d_pad > 64 else 128, 8, 2) if kind == "dkdv" else (128, 64, 8, 2))
+    # sm_80 d 64: 32 x 64 dK/dV tiles spill with triton 3.6
+    return (32, 64 if d_pad > 64 else 32, 8, 2) if kind == "dkdv" else (64, 32, 8, 2)
 
 
 def _tune_key(kind: str, a, q, extra) -> tuple:

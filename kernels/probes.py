@@ -257,24 +257,31 @@ def _tiles(kind: str, m_rows: int, device: torch.device, dtype: torch.dtype,
     16 bits: key blocks of 64 (the dots' M, one Hopper warpgroup's wgmma: HGMMA in every kernel),
     row tiles of 16-64 (the dots' N; dk loops over 16-row tiles, dq takes at most 32 rows), key
     loads pipelined in 3 stages. float32 (IEEE dots on CUDA cores, scores taken as q @ k^T and
-    transposed, see _scores_t): 16 rows x 16 keys (forward) or 32 keys, 8 warps, unpipelined (2
-    or 3 stages spill at d 128). Chosen by compiling for sm_80 and sm_90 (tests/aot_compile.py):
-    no stack and no spill instruction at d <= 128 in any dtype; at d = 256 the 16-bit dk kernel
-    (82-88 spill instructions on sm_90 at 2 stages) and the float32 forward (57 on sm_90, 39 on
-    sm_80) spill, the fewest of the tiles tried. Not timed.
+    transposed, see _scores_t): 16 rows x 16 or 32 keys, 8 warps, unpipelined (2 or 3 stages spill
+    at d 128). Chosen by compiling for sm_80 and sm_90 with triton 3.6 and 3.9
+    (tests/aot_compile.py, with the window / non-causal / padded-head-dim specialisations): no
+    stack and no spill instruction at d <= 128 in any dtype; at d = 256 the 16-bit dk kernel and
+    the float32 forward spill (docs/build-report.md), the fewest of the tiles tried. Not timed.
     """
     if _interpreting() or device.type != "cuda":
         return 16, 16, 4, 1
     dp = padded_head_dim(d)
-    if dtype == torch.float32:
-        return 16, (16 if kind == "fwd" or (kind == "dq" and dp > 128) else 32), 8, 1
+    if dtype == torch.float32:  # no spill with triton 3.6 or 3.9 in any report specialisation
+        if kind == "fwd":
+            bn = 16
+        elif kind == "dk":
+            bn = 16 if 64 < dp <= 128 else 32
+        else:
+            bn = 32 if 64 < dp <= 128 else 16
+        return 16, bn, 8, 1
     br = min(64, max(16, triton.next_power_of_2(m_rows)))
     if kind == "dk":
         br = 16
     elif kind == "dq":
         br = min(br, 32 if dp <= 128 else 16)
     wide = br > (16 if kind == "dq" else 32) or dp > 128
-    return br, 64, 8 if wide else 4, 2 if kind == "dk" and dp > 128 else 3
+    bn = 32 if kind == "dq" and dp > 128 else 64  # dq d 256: 64-key blocks spill (triton 3.6)
+    return br, bn, 8 if wide else 4, 2 if kind == "dk" and dp > 128 else 3
 
 
 def _flags(kpm, causal, window):

@@ -53,7 +53,7 @@ assert "probes_fwd.cu" in cu and "binding.cpp" in cu and str(csrc_dir()).startsw
 import abft_fast.hf as ah
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(MODEL, attn_implementation="abft_fast")
-ids = torch.randint(3, 100, (1, 12), generator=g)
+ids = torch.randint(3, model.config.vocab_size, (1, 12), generator=g)
 with ah.probe(model, rows=torch.tensor([[11]])) as rec:
     model(input_ids=ids)
 print("hf probes", tuple(rec.probs.shape), "row sums", rec.probs.sum(-1).flatten().tolist())

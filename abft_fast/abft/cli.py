@@ -98,7 +98,8 @@ def _parser():
                          "paired change (bootstrap interval, McNemar test)")
     ev.add_argument("--max-length", type=int, default=0,
                     help="longest prompt in tokens (0 = the model's context)")
-    de = sub.add_parser("demo", help="ABFT on SmolLM2-135M + SST-2: 512 prompts seen once (about 6 min on 2 CPU cores)")
+    de = sub.add_parser("demo", help="ABFT on SmolLM2-135M + SST-2, 512 prompts seen once "
+                                     "(about 6 min on 2 CPU cores)")
     common(de, demo=True)
     training(de, demo=True)
     return p
