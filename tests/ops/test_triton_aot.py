@@ -3,7 +3,7 @@ holds: the interpreter accepts some programs the compiler rejects, tile sizes mu
 generation's shared memory, and on Hopper every 16-bit flash, probe and column-score kernel must
 use HGMMA. Runs tests/aot_compile.py in a subprocess without TRITON_INTERPRET (kernels must be
 real JIT functions there). The report (registers, stack, spills) is written to
-build/aot_report.csv and printed."""
+build/aot_report_triton<version>.csv and printed."""
 import csv
 import os
 import subprocess
@@ -17,7 +17,8 @@ PROBE_KERNELS = ("_probe_fwd_kernel", "_probe_dk_kernel", "_probe_dq_kernel", "_
 
 def test_kernels_compile_for_sm80_and_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    report = ROOT / "build" / "aot_report.csv"
+    import triton  # one report per Triton version: two CI legs compile side by side
+    report = ROOT / "build" / f"aot_report_triton{triton.__version__}.csv"
     report.parent.mkdir(exist_ok=True)
     r = subprocess.run([sys.executable, str(ROOT / "tests" / "aot_compile.py"), "80", "90",
                         "--csv", str(report)], env=env, capture_output=True, text=True,
