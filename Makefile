@@ -88,12 +88,22 @@ test-gpu-image:
 	.venv-gpu-image/bin/python -m pip list --format=freeze | grep -i -E '^(torch|triton|transformers|numpy|kernels)=='
 	.venv-gpu-image/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) $(LEG_TESTS) --benchmark-disable
 
+# Short: the HF tests and the op's front (checks, dispatch, masks, reference) always; the op's
+# kernel tests too when triton or numpy (what the interpreter runs on) differ from the pins that
+# `make test` just ran them with.
+NEWEST_OP_FRONT = tests/ops/test_validation.py tests/ops/test_dispatch.py tests/ops/test_masks.py tests/ops/test_reference.py
+KERNEL_PINS_SAME = "import importlib.metadata as m, sys; \
+	pins = dict(l.strip().split('==') for l in open('constraints.txt') if '==' in l); \
+	sys.exit(any(m.version(p) != pins.get(p) for p in ('triton', 'numpy')))"
 test-newest:
 	rm -rf .venv-newest && $(PY) -m venv .venv-newest
 	.venv-newest/bin/python -m pip install -q torch==2.13.0
 	.venv-newest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[test]" peft
 	.venv-newest/bin/python -m pip list --format=freeze | grep -i -E '^(torch|triton|transformers|numpy|kernels)=='
-	.venv-newest/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) $(LEG_TESTS) --benchmark-disable
+	if .venv-newest/bin/python -c $(KERNEL_PINS_SAME); then \
+	  echo "test-newest: triton and numpy as pinned (their kernel tests ran in make test): HF tests and the op's front"; \
+	  .venv-newest/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests/hf tests/test_no_shadowing.py $(NEWEST_OP_FRONT) --benchmark-disable; \
+	else .venv-newest/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) $(LEG_TESTS) --benchmark-disable; fi
 
 bench: install
 	PYTHON=$(BIN)/python bash bench/run.sh $(PYTEST_ARGS)
