@@ -96,9 +96,10 @@ KERNEL_PINS_SAME = "import importlib.metadata as m, sys; \
 	pins = dict(l.strip().split('==') for l in open('constraints.txt') if '==' in l); \
 	sys.exit(any(m.version(p) != pins.get(p) for p in ('triton', 'numpy')))"
 test-newest:
-	rm -rf .venv-newest && $(PY) -m venv .venv-newest
+	rm -rf .venv-newest && $(PY) -m venv .venv-newest && mkdir -p build
 	.venv-newest/bin/python -m pip install -q torch==2.13.0
-	.venv-newest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[test]" peft
+	echo "torch==2.13.0" > build/newest-torch.txt  # eager upgrades would otherwise take torch's CUDA build
+	.venv-newest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c build/newest-torch.txt -e ".[test]" peft
 	.venv-newest/bin/python -m pip list --format=freeze | grep -i -E '^(torch|triton|transformers|numpy|kernels)=='
 	if .venv-newest/bin/python -c $(KERNEL_PINS_SAME); then \
 	  echo "test-newest: triton and numpy as pinned (their kernel tests ran in make test): HF tests and the op's front"; \
