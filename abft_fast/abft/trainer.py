@@ -164,6 +164,20 @@ def _named_trainable(model) -> list:
     return [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
 
 
+def check_gradients(named, step: int) -> None:
+    """Raise if a trainable parameter has no gradient after a step's backward: nothing would train
+    it and the optimiser would skip it silently (e.g. a layer whose probes never reach the loss,
+    or sharded weights that were never reduce-scattered). ``named``: (name, parameter) pairs."""
+    missing = [n for n, p in named if p.grad is None]
+    if missing:
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise RuntimeError(
+            f"step {step}: {len(missing)} of {len(named)} trainable parameters received no gradient "
+            f"({shown}); the optimiser would leave them unchanged. Their layers' probes do not "
+            "reach the loss (a layer outside the probed ones, a detached weight, or a distributed "
+            "wrapper that did not gather / reduce their gradients).")
+
+
 def _check_state(state, named, opt):
     """Everything a checkpoint's state must satisfy before any of it is applied."""
     from .checkpoint import CheckpointError
@@ -279,6 +293,14 @@ def train(model, tokenizer, task: data.Task, cfg: TrainConfig, progress=True, ac
     a = pid.a
     objective = ProbeForward(model, cfg.stop_early)
     objective, opt = acc.prepare(objective, opt)
+    # The parameters as prepared (a sharding wrapper may have replaced them), checked for a
+    # gradient every step: one process, DDP and FSDP2 (DTensor gradients). Not under DeepSpeed or
+    # FSDP1, which keep gradients in their own flat buffers (p.grad is None by design there).
+    dtype = str(getattr(acc, "distributed_type", "")).rsplit(".", 1)[-1]
+    own_buffers = dtype == "DEEPSPEED" or (dtype == "FSDP" and not getattr(acc, "is_fsdp2", False))
+    checked = [] if own_buffers else [
+        (n.removeprefix("model."), p)
+        for n, p in acc.unwrap_model(objective).named_parameters() if p.requires_grad]
     objective.eval()  # no dropout: the ABFT loss is deterministic; gradients flow in eval mode
     if cfg.gradient_checkpointing:  # HF checkpoints a layer only in training mode: the layers
         for m in lm.modules():      # themselves (not their dropout children) go to train mode
@@ -322,6 +344,8 @@ def train(model, tokenizer, task: data.Task, cfg: TrainConfig, progress=True, ac
                     out = abft_loss(probs, b.correct, valid, b.lengths, A=a, B=cfg.b,
                                     use_filter=cfg.use_filter)
                 acc.backward(out.loss)
+                if acc.sync_gradients and checked:
+                    check_gradients(checked, step)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             slots[j] = torch.tensor(StepSums.values(out, len(items)), dtype=torch.float64)

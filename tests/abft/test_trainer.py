@@ -68,6 +68,27 @@ def test_llama_step_lowers_loss_and_moves_only_qk(task, tok):
             assert torch.equal(p, before[n]), n
 
 
+def test_a_trainable_weight_without_gradient_is_an_error_naming_it(task, tok):
+    # layer 1's q_proj weight is detached from the graph: the optimiser would skip it silently
+    model = llama(tok)
+    q = model.model.layers[1].self_attn.q_proj
+    q.forward = lambda x: torch.nn.functional.linear(x, q.weight.detach(), q.bias)
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=r"step 1: 1 of 4 trainable parameters received no "
+                                           r"gradient \(model\.layers\.1\.self_attn\.q_proj\.weight\)"):
+        trainer.train(model, tok, task, cfg(), progress=False)
+    for n, p in model.named_parameters():  # raised before the optimiser stepped
+        assert torch.equal(p, before[n]), n
+
+
+def test_check_gradients_lists_what_is_missing():
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    a.grad = torch.zeros(2)
+    trainer.check_gradients([("a", a)], 3)
+    with pytest.raises(RuntimeError, match=r"step 3: 1 of 2 .*\(b\)"):
+        trainer.check_gradients([("a", a), ("b", b)], 3)
+
+
 def test_gpt2_fused_c_attn_moves_only_q_and_k_thirds(task, tok):
     model = gpt2(tok)
     before = snapshot(model)
