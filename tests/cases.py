@@ -53,9 +53,16 @@ RANDOM_CASES = [
 ]
 
 
+SEEDS: list[int] = []    # the seeds the running test drew; conftest.py resets them per test and
+REPLAY: list[int] = []   # prints them in a failure report; ABFT_FAST_TEST_SEEDS=a,b,... replays
+
+
 def fresh_generator() -> torch.Generator:
-    """A generator with a fresh seed (printed in the failure via the test's locals)."""
-    return torch.Generator().manual_seed(torch.seed() % 2**31)
+    """A generator with a fresh seed. A failing test's report lists the seeds it drew and the
+    command that replays them (``ABFT_FAST_TEST_SEEDS=...``, consumed in draw order)."""
+    seed = REPLAY.pop(0) if REPLAY else torch.seed() % 2**31
+    SEEDS.append(seed)
+    return torch.Generator().manual_seed(seed)
 
 
 def poison_empty(monkeypatch):
