@@ -39,7 +39,8 @@ class ProbeForward(nn.Module):
 
     Wrapping the probe in one module keeps DDP/FSDP wrapping (accelerate.prepare) on a module
     whose forward returns the tensors the loss needs; with ``stop_early`` the forward ends right
-    after the last layer's attention (no final MLP, norm or LM head).
+    after the last layer's attention (no final MLP, norm or LM head; under FSDP2 after the unit
+    holding it: ``abft_fast.hf.probe(..., stop_early=True)``).
     """
 
     def __init__(self, model, stop_early=True):
@@ -49,15 +50,6 @@ class ProbeForward(nn.Module):
 
     def forward(self, input_ids, attention_mask, rows, cols):
         lm = unwrap(self.model)
-        attn = attention_modules(lm) if self.stop_early else []
-        with hf.probe(lm, rows=rows, cols=cols) as rec:
-            if attn:
-                with stop_after(attn[-1]):
-                    try:
-                        self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                   use_cache=False)
-                    except StopForward:
-                        pass
-            else:
-                self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        with hf.probe(lm, rows=rows, cols=cols, stop_early=self.stop_early) as rec:
+            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return rec.probs

@@ -18,9 +18,11 @@ import threading
 import torch
 
 from ..ops.spec import check_index_tensor, check_index_values
+from . import fsdp
 
 NAME = "abft_fast"
-__all__ = ["NAME", "ProbeRecorder", "active_recorder", "probe"]
+_FSDP_PATH = True  # probes on FSDP2's gradient path (hf/fsdp.py); False only to test without it
+__all__ = ["NAME", "ProbeRecorder", "active_recorder", "attention_layers", "probe"]
 
 
 class ProbeRecorder:
@@ -172,8 +174,39 @@ def _wrap_checkpointing(model, rec) -> list:
     return wrapped
 
 
+class _StopForward(Exception):
+    """Raised inside the model to end a ``probe(..., stop_early=True)`` forward; caught by probe."""
+
+
+def attention_layers(model) -> list:
+    """The model's attention modules (HF attention classes with an int ``layer_idx``), by layer."""
+    mods = [(m.layer_idx, m) for m in model.modules()
+            if "Attention" in type(m).__name__ and isinstance(getattr(m, "layer_idx", None), int)]
+    return [m for _, m in sorted(mods, key=lambda x: x[0])]
+
+
+def _stop_hooks(model, units) -> list:
+    """Hooks that end the forward once the last attention layer has recorded its probes: right
+    after that layer, or under FSDP2 after the innermost unit holding it (whose post-forward hook
+    must run to put the probes on its gradient path). Returns the handles."""
+    layers = attention_layers(model)
+    if not layers:
+        raise ValueError("probe(stop_early=True): the model has no attention module with a "
+                         "layer_idx to stop after")
+    last = layers[-1]
+
+    def stop(*_):
+        raise _StopForward
+    holding = [u for u in units if any(m is last for m in u.modules())]
+    if not holding:
+        return [last.register_forward_hook(stop)], None
+    inner = min(holding, key=lambda u: sum(1 for _ in u.modules()))
+    return [], (lambda module: stop() if module is inner else None)
+
+
 @contextlib.contextmanager
-def probe(model: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor | None = None):
+def probe(model: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor | None = None, *,
+          stop_early: bool = False):
     """Record the attention probabilities ``P[row, col]`` of every layer during one forward.
 
     Args:
@@ -185,7 +218,13 @@ def probe(model: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor | None 
     [num_layers, B, Hq, R, C] and ``rec.layers`` the layer indices that ran. Unused slots and
     masked (padding, future, out-of-window) entries are 0. The probes keep their autograd graph,
     also under HF's non-reentrant gradient checkpointing (its recomputation during backward, inside
-    or after the context, replays the probes without recording them again).
+    or after the context, replays the probes without recording them again), and under FSDP2
+    (``fully_shard``): each unit's probes count as its outputs for FSDP's gradient hooks.
+
+    stop_early: end the forward once the last attention layer has recorded its probes (the rest
+    of the model does not run; under FSDP2, the rest of the unit holding that layer does). The
+    model call then does not return: the ``with`` block is left at that call, so put nothing
+    after it inside the block.
     """
     rows = check_index_tensor("rows", rows, strict_dtype=False)
     check_index_values("rows", rows, None)
@@ -209,11 +248,22 @@ def probe(model: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor | None 
                                "on one model are not supported")
         for i in ids:
             _active[i] = rec
-    wrapped = []
+    wrapped, hooks = [], []
     try:
         wrapped = _wrap_checkpointing(model, rec)
-        yield rec
+        units = fsdp.fsdp_units(model) if _FSDP_PATH else []
+        after_unit = None
+        if stop_early:
+            hooks, after_unit = _stop_hooks(model, units)
+        if units:
+            hooks += fsdp.attach(units, lambda: rec.per_layer, after_unit)
+        try:
+            yield rec
+        except _StopForward:
+            pass
     finally:
+        for h in hooks:
+            h.remove()
         for m, orig in wrapped:
             m._gradient_checkpointing_func = orig
         with _lock:

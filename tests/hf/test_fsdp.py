@@ -1,0 +1,70 @@
+"""FSDP2 with default resharding and a loss on probes alone: the same q/k gradients and weights as
+one process (torchrun, 2 gloo processes on the CPU; tests/hf/fsdp_worker.py), for full forward and
+early stop, with and without gradient checkpointing, for 4-layer and 1-layer models, with every
+decoder layer's weights sharded between forward and backward. Without the integration's FSDP
+handling the same runs fail (freed weights met in backward, or no gradient at all)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+ROOT = Path(__file__).resolve().parents[2]
+CASES = [(layers, stop, ckpt) for layers in (4, 1) for stop in (False, True)
+         for ckpt in (False, True)]
+IDS = [f"L{layers}-{'stop' if stop else 'full'}-{'ckpt' if ckpt else 'nockpt'}"
+       for layers, stop, ckpt in CASES]
+
+
+def _run(out, *flags, procs=2):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
+    if procs:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
+               "--master_port", str(29500 + os.getpid() % 1000), str(WORKER), str(out), *flags]
+    else:
+        cmd = [sys.executable, str(WORKER), str(out), "--reference"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return torch.load(out, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fsdp")
+    return {"one": _run(d / "one.pt", procs=0), "fsdp": _run(d / "fsdp.pt"),
+            "off": _run(d / "off.pt", "--off")}
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_fsdp2_equals_one_process(runs, case):
+    one, got = runs["one"][case], runs["fsdp"][case]
+    assert "error" not in got, got["error"]
+    assert got["missing"] == [], f"no gradient for {got['missing']}"
+    assert set(got["grads"]) == set(one["grads"]) and len(one["grads"]) == 2 * case[0]
+    for n, g in one["grads"].items():
+        assert _rel(got["grads"][n], g) < 1e-5, n
+    for n, w in one["weights"].items():  # after 2 Adam steps
+        assert (got["weights"][n] - w).abs().max() < 1e-4, n
+    assert got["sharded_between"], "a decoder layer kept full weights between forward and backward"
+    assert got["all_dtensor_after"]
+
+
+def test_without_the_integration_fsdp_fails(runs):
+    off = runs["off"]
+    full_4 = off[(4, False, False)]  # freed weights met in backward
+    assert "error" in full_4 and "setStorage" in full_4["error"], full_4
+    one_layer = off[(1, False, False)]  # one unit: never reduce-scattered, silently
+    assert "error" not in one_layer and one_layer["missing"], one_layer
