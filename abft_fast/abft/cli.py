@@ -75,6 +75,9 @@ def _parser():
         sp.add_argument("--full-forward", action="store_true",
                         help="run the whole model in training (default: stop after the last "
                              "probed layer's attention)")
+        sp.add_argument("--fsdp", action="store_true",
+                        help="FSDP2: shard every decoder layer and the model over the processes "
+                             "(torchrun; CPU/gloo or GPUs/NCCL); no --save-every / --resume")
         sp.add_argument("--gradient-checkpointing", action="store_true",
                         help="HF activation checkpointing of every layer (non-reentrant)")
         sp.add_argument("--max-length", type=int, default=0,
@@ -192,7 +195,7 @@ def cmd_train(args, title="ABFT"):
                       stop_early=not args.full_forward,
                       gradient_checkpointing=args.gradient_checkpointing,
                       max_length=args.max_length,
-                      multi_query=args.multi_query).check()
+                      multi_query=args.multi_query, fsdp=args.fsdp).check()
     if args.save_every < 0:
         raise SystemExit(f"--save-every must be >= 0; got {args.save_every}")
     acc = make_accelerator()
@@ -236,7 +239,7 @@ def cmd_train(args, title="ABFT"):
     model = res.model
     acc.wait_for_everyone()
     after = full = None
-    if every:
+    if every or res.sharded:  # sharded weights: every forward is collective
         evals_after = _evaluations(args, model, tok, task)
         after = evals_after["abft"]
         full = full_qk_state(model)  # collective: all processes

@@ -31,6 +31,8 @@ class TrainConfig:
                                # prompts lose leading demonstrations, never the query
     multi_query: bool = False  # beyond the paper: the loss at every demonstration's prediction
                                # row too (data.collate_multi_query, loss.multi_query_loss)
+    fsdp: bool = False         # FSDP2: fully_shard every decoder layer and the model itself
+                               # (trainer.shard_model), under torchrun on CPU (gloo) or GPUs
 
     def check(self):
         for name in ("k", "train_prompts", "steps", "batch", "micro_batch", "lora_r"):
@@ -43,6 +45,8 @@ class TrainConfig:
                              f"{self.max_length!r}")
         if not isinstance(self.multi_query, bool):
             raise ValueError(f"multi_query must be a bool; got {self.multi_query!r}")
+        if not isinstance(self.fsdp, bool):
+            raise ValueError(f"fsdp must be a bool; got {self.fsdp!r}")
         if self.batch % self.micro_batch:
             raise ValueError(f"batch ({self.batch}) must be a multiple of micro_batch "
                              f"({self.micro_batch})")

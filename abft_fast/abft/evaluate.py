@@ -30,9 +30,27 @@ def _decoder_and_head(model):
     return lm, base, head
 
 
-@torch.no_grad()
 def score_prompts(model, tokenizer, prompts, label_ids, batch=8, probe=True, progress=True,
                   desc="eval", max_length=0):
+    """Label logits at the last position for each prompt (see ``_score_prompts``). An FSDP2-sharded
+    model (``fully_shard``; every process must call this with the same prompts) has its root
+    unit's own weights (embeddings, final norm, LM head) gathered for the evaluation, which calls
+    the decoder and the head apart; each layer gathers its own as usual."""
+    root = unwrap(model)
+    fsdp_root = callable(getattr(root, "unshard", None)) and callable(getattr(root, "reshard", None))
+    if fsdp_root:
+        root.unshard()
+    try:
+        return _score_prompts(model, tokenizer, prompts, label_ids, batch, probe, progress, desc,
+                              max_length)
+    finally:
+        if fsdp_root:
+            root.reshard()
+
+
+@torch.no_grad()
+def _score_prompts(model, tokenizer, prompts, label_ids, batch=8, probe=True, progress=True,
+                   desc="eval", max_length=0):
     """Label logits at the last position for each prompt.
 
     Prompts longer than ``max_length`` tokens (0: the model's context) lose leading

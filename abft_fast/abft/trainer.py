@@ -29,6 +29,7 @@ class TrainResult:
     seconds: float = 0.0
     config: dict = field(default_factory=dict)
     model: object = None                          # the trained model (LoRA-wrapped with --lora)
+    sharded: bool = False                         # its weights are FSDP2-sharded (fsdp=True)
 
 
 @dataclass
@@ -207,9 +208,27 @@ def _fingerprint_config(cfg: TrainConfig) -> dict:
     """The config part of a run's fingerprint; ``multi_query`` only when on, so checkpoints
     written before the option existed still resume."""
     d = asdict(cfg)
-    if not d.get("multi_query"):
-        d.pop("multi_query", None)
+    for opt_in in ("multi_query", "fsdp"):
+        if not d.get(opt_in):
+            d.pop(opt_in, None)
     return d
+
+
+def shard_model(model) -> list:
+    """FSDP2 on ``model`` (a transformers model): ``fully_shard`` on each decoder layer (the classes
+    in ``_no_split_modules``), then on the model itself, default resharding. Needs an initialised
+    process group. Returns the sharded layers."""
+    from torch.distributed.fsdp import fully_shard
+    lm = unwrap(model)
+    names = set(getattr(lm, "_no_split_modules", None) or [])
+    layers = [m for m in lm.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"fsdp: {type(lm).__name__} names no decoder layer class in "
+                         "_no_split_modules; shard it with fully_shard yourself")
+    for m in layers:
+        fully_shard(m)
+    fully_shard(lm)
+    return layers
 
 
 def encode_training_prompts(model, tokenizer, task: data.Task, cfg: TrainConfig):
@@ -262,11 +281,25 @@ def train(model, tokenizer, task: data.Task, cfg: TrainConfig, progress=True, ac
     acc.gradient_accumulation_steps = n_micro // acc.num_processes
     acc.step = 0
     named = _named_trainable(model)
-    if is_sharded(acc) and (save_every or resume is not None):
+    if (is_sharded(acc) or cfg.fsdp) and (save_every or resume is not None):
         raise NotImplementedError(
-            f"--save-every / --resume are not supported under {acc.distributed_type} (sharded "
-            "optimiser state); use DDP (accelerate launch --multi_gpu) for resumable runs")
+            f"--save-every / --resume are not supported under "
+            f"{'--fsdp' if cfg.fsdp else acc.distributed_type} (sharded optimiser state); use "
+            "DDP (torchrun or accelerate launch --multi_gpu without --fsdp) for resumable runs")
+    if cfg.fsdp and is_sharded(acc):
+        raise ValueError(f"fsdp=True shards the model itself; the accelerator is already set up "
+                         f"for {acc.distributed_type}: use one or the other")
     fp = fingerprint(_fingerprint_config(cfg), lm, named, encoded, task.name)
+    if cfg.fsdp:
+        if not torch.distributed.is_initialized():
+            import os
+            if "MASTER_ADDR" not in os.environ:
+                raise RuntimeError("fsdp=True needs a process group: launch with torchrun (one "
+                                   "process is fine: torchrun --nproc_per_node 1)")
+            torch.distributed.init_process_group(
+                "nccl" if torch.cuda.is_available() else "gloo")
+        shard_model(model)
+        named = _named_trainable(model)  # the sharded (DTensor) parameters
     params = [p for p in model.parameters() if p.requires_grad]
     if [id(p) for p in params] != [id(p) for _, p in named]:  # pragma: no cover - sanity
         raise RuntimeError("trainable parameters are not in a stable order")
@@ -292,7 +325,10 @@ def train(model, tokenizer, task: data.Task, cfg: TrainConfig, progress=True, ac
         start = int(state["step"])
     a = pid.a
     objective = ProbeForward(model, cfg.stop_early)
-    objective, opt = acc.prepare(objective, opt)
+    if cfg.fsdp:  # sharded by shard_model: no DDP wrapper; FSDP2 averages the gradients
+        opt = acc.prepare(opt)
+    else:
+        objective, opt = acc.prepare(objective, opt)
     # The parameters as prepared (a sharding wrapper may have replaced them), checked for a
     # gradient every step: one process, DDP and FSDP2 (DTensor gradients). Not under DeepSpeed or
     # FSDP1, which keep gradients in their own flat buffers (p.grad is None by design there).
@@ -364,4 +400,5 @@ def train(model, tokenizer, task: data.Task, cfg: TrainConfig, progress=True, ac
     bar.close()
     result.seconds = time.perf_counter() - t0
     result.model = acc.unwrap_model(objective).model
+    result.sharded = cfg.fsdp
     return result

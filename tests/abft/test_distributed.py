@@ -113,3 +113,33 @@ def test_accelerate_launch_resumes_a_two_process_checkpoint(model_dir, one, two,
     w2 = load_file(str(two / "qk.safetensors"))
     for n in w1:
         assert torch.equal(w3[n], w2[n])
+
+
+@pytest.fixture(scope="module")
+def fsdp(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    printed = launch("torchrun", [*ARGS, "--model", model_dir, "--out", str(out), "--fsdp"], out)
+    return out, printed
+
+
+def test_fsdp_two_processes_equal_one(one, fsdp):
+    # --fsdp: the trainer applies FSDP2 itself (every decoder layer and the model), gloo on CPU
+    out, printed = fsdp
+    assert printed.count("accuracy before:") == 1 and printed.count("report in") == 1
+    assert sorted(os.listdir(out)) == ["qk.safetensors", "report.json"]
+    r1 = json.loads((one / "report.json").read_text())
+    r2 = json.loads((out / "report.json").read_text())
+    assert r2["processes"] == 2 and r2["settings"]["fsdp"] is True
+    h1, h2 = strip(r1["history"]), strip(r2["history"])
+    assert [h["A"] for h in h2] == pytest.approx([h["A"] for h in h1], rel=1e-6)
+    assert [h["passing_heads"] for h in h2] == [h["passing_heads"] for h in h1]
+    assert r2["accuracy_after"] == r1["accuracy_after"]
+    w1, w2 = same_weights(one, out)  # gathered from the shards by the main process
+    for n in w1:
+        torch.testing.assert_close(w2[n], w1[n], rtol=1e-5, atol=1e-7)
+
+
+def test_fsdp_refuses_checkpoints(model_dir, tmp_path):
+    with pytest.raises(NotImplementedError, match="--fsdp"):
+        cli.main([*ARGS, "--model", model_dir, "--out", str(tmp_path), "--fsdp",
+                  "--save-every", "1"])
