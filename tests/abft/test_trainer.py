@@ -186,6 +186,36 @@ def test_pid_and_filter_are_wired(task, tok):
     assert [h["A"] for h in res.history] == [0.5] * 4
 
 
+def test_pid_follows_the_recorded_head_counts_when_heads_pass(task, tok, monkeypatch):
+    # The real probes, their values replaced (gradient kept: p + (c - p.detach())) by label
+    # attention that makes a random half of the heads pass the filter (sum 0.8 > k / (k + ln n))
+    # and the rest fail (0.2): the loss is non-zero and the PID's input moves from step to step.
+    gen = torch.Generator().manual_seed(0)
+    real = trainer.ProbeForward.forward
+
+    def forward(self, input_ids, attention_mask, rows, cols):
+        p = real(self, input_ids, attention_mask, rows, cols)
+        passing = torch.rand(p.shape[:3] + (1, 1), generator=gen) < 0.5
+        c = torch.where(passing, 0.2, 0.05).expand_as(p) * (cols >= 0)[None, :, None, None, :]
+        return p + (c - p.detach())
+    monkeypatch.setattr(trainer.ProbeForward, "forward", forward)
+    conf = cfg(steps=6, batch=4, micro_batch=2, use_pid=True, use_filter=True)
+    res = trainer.train(llama(tok), tok, task, conf, progress=False)
+    n = [h["passing_heads"] for h in res.history]
+    assert all(x > 0 for x in n) and len(set(n)) > 2, n
+    assert all(h["loss"] > 0 for h in res.history)
+    # A_t from the paper's formula (shared/DESIGN.md section 1), independently of abft/pid.py:
+    # the A each step used is a0, then the update after each step's head count, from t = 3 on.
+    want, a = [], conf.a0
+    for t in range(1, len(n) + 1):
+        want.append(a)
+        if t > 2:
+            a += (conf.cp * (n[t - 1] - n[t - 2]) + conf.ci * (n[t - 1] - n[0])
+                  + conf.cd * (n[t - 1] - 2 * n[t - 2] + n[t - 3]))
+    assert [h["A"] for h in res.history] == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert want[-1] != conf.a0
+
+
 @pytest.mark.parametrize("bad, msg", [
     (dict(batch=6, micro_batch=4), "multiple of micro_batch"),
     (dict(steps=0), "steps must be a positive int"),
