@@ -78,6 +78,12 @@ def _parser():
         sp.add_argument("--fsdp", action="store_true",
                         help="FSDP2: shard every decoder layer and the model over the processes "
                              "(torchrun; CPU/gloo or GPUs/NCCL); no --save-every / --resume")
+        sp.add_argument("--fsdp-param-dtype", default="", choices=["", "bfloat16", "float16"],
+                        help="with --fsdp: 16-bit parameters in forward / backward, float32 "
+                             "gradient reductions (GPUs only; not run by this project)")
+        sp.add_argument("--fsdp-cpu-offload", action="store_true",
+                        help="with --fsdp: sharded parameters, gradients and optimiser state on "
+                             "the CPU between uses (GPUs only; not run by this project)")
         sp.add_argument("--gradient-checkpointing", action="store_true",
                         help="HF activation checkpointing of every layer (non-reentrant)")
         sp.add_argument("--max-length", type=int, default=0,
@@ -195,7 +201,9 @@ def cmd_train(args, title="ABFT"):
                       stop_early=not args.full_forward,
                       gradient_checkpointing=args.gradient_checkpointing,
                       max_length=args.max_length,
-                      multi_query=args.multi_query, fsdp=args.fsdp).check()
+                      multi_query=args.multi_query, fsdp=args.fsdp,
+                      fsdp_param_dtype=args.fsdp_param_dtype,
+                      fsdp_cpu_offload=args.fsdp_cpu_offload).check()
     if args.save_every < 0:
         raise SystemExit(f"--save-every must be >= 0; got {args.save_every}")
     acc = make_accelerator()

@@ -33,6 +33,10 @@ class TrainConfig:
                                # row too (data.collate_multi_query, loss.multi_query_loss)
     fsdp: bool = False         # FSDP2: fully_shard every decoder layer and the model itself
                                # (trainer.shard_model), under torchrun on CPU (gloo) or GPUs
+    fsdp_param_dtype: str = ""  # with fsdp: "bfloat16" / "float16" parameters in forward and
+                               # backward (MixedPrecisionPolicy, float32 reductions); "" = off
+    fsdp_cpu_offload: bool = False  # with fsdp: sharded parameters, gradients and Adam state on
+                               # the CPU between uses (CPUOffloadPolicy); GPUs only
 
     def check(self):
         for name in ("k", "train_prompts", "steps", "batch", "micro_batch", "lora_r"):
@@ -47,6 +51,11 @@ class TrainConfig:
             raise ValueError(f"multi_query must be a bool; got {self.multi_query!r}")
         if not isinstance(self.fsdp, bool):
             raise ValueError(f"fsdp must be a bool; got {self.fsdp!r}")
+        if self.fsdp_param_dtype not in ("", "bfloat16", "float16"):
+            raise ValueError(f"fsdp_param_dtype must be '', 'bfloat16' or 'float16'; got "
+                             f"{self.fsdp_param_dtype!r}")
+        if (self.fsdp_param_dtype or self.fsdp_cpu_offload) and not self.fsdp:
+            raise ValueError("fsdp_param_dtype / fsdp_cpu_offload need fsdp=True")
         if self.batch % self.micro_batch:
             raise ValueError(f"batch ({self.batch}) must be a multiple of micro_batch "
                              f"({self.micro_batch})")

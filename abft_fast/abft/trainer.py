@@ -208,17 +208,29 @@ def _fingerprint_config(cfg: TrainConfig) -> dict:
     """The config part of a run's fingerprint; ``multi_query`` only when on, so checkpoints
     written before the option existed still resume."""
     d = asdict(cfg)
-    for opt_in in ("multi_query", "fsdp"):
+    for opt_in in ("multi_query", "fsdp", "fsdp_param_dtype", "fsdp_cpu_offload"):
         if not d.get(opt_in):
             d.pop(opt_in, None)
     return d
 
 
-def shard_model(model) -> list:
+def shard_model(model, param_dtype: str = "", cpu_offload: bool = False) -> list:
     """FSDP2 on ``model`` (a transformers model): ``fully_shard`` on each decoder layer (the classes
     in ``_no_split_modules``), then on the model itself, default resharding. Needs an initialised
-    process group. Returns the sharded layers."""
-    from torch.distributed.fsdp import fully_shard
+    process group. param_dtype: "bfloat16" / "float16" parameters in forward and backward with
+    float32 gradient reductions (``MixedPrecisionPolicy``); cpu_offload: ``CPUOffloadPolicy``
+    (both need GPUs: on CPU processes gloo aborts on 16-bit all-gathers and offloading needs an
+    accelerator). Returns the sharded layers."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    kw = {}
+    if (param_dtype or cpu_offload) and not torch.cuda.is_available():
+        raise RuntimeError("fsdp mixed precision and CPU offload need GPUs (on CPU processes gloo "
+                           "aborts on 16-bit all-gathers and offloading needs an accelerator)")
+    if param_dtype:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=getattr(torch, param_dtype),
+                                               reduce_dtype=torch.float32)
+    if cpu_offload:
+        kw["offload_policy"] = CPUOffloadPolicy()
     lm = unwrap(model)
     names = set(getattr(lm, "_no_split_modules", None) or [])
     layers = [m for m in lm.modules() if type(m).__name__ in names]
@@ -226,8 +238,8 @@ def shard_model(model) -> list:
         raise ValueError(f"fsdp: {type(lm).__name__} names no decoder layer class in "
                          "_no_split_modules; shard it with fully_shard yourself")
     for m in layers:
-        fully_shard(m)
-    fully_shard(lm)
+        fully_shard(m, **kw)
+    fully_shard(lm, **kw)
     return layers
 
 
@@ -298,7 +310,7 @@ def train(model, tokenizer, task: data.Task, cfg: TrainConfig, progress=True, ac
                                    "process is fine: torchrun --nproc_per_node 1)")
             torch.distributed.init_process_group(
                 "nccl" if torch.cuda.is_available() else "gloo")
-        shard_model(model)
+        shard_model(model, cfg.fsdp_param_dtype, cfg.fsdp_cpu_offload)
         named = _named_trainable(model)  # the sharded (DTensor) parameters
     params = [p for p in model.parameters() if p.requires_grad]
     if [id(p) for p in params] != [id(p) for _, p in named]:  # pragma: no cover - sanity

@@ -143,3 +143,18 @@ def test_fsdp_refuses_checkpoints(model_dir, tmp_path):
     with pytest.raises(NotImplementedError, match="--fsdp"):
         cli.main([*ARGS, "--model", model_dir, "--out", str(tmp_path), "--fsdp",
                   "--save-every", "1"])
+
+
+@pytest.mark.parametrize("flag", [["--fsdp-param-dtype", "bfloat16"], ["--fsdp-cpu-offload"]],
+                         ids=["mixed-precision", "cpu-offload"])
+def test_fsdp_options_need_fsdp_and_say_where_they_run(model_dir, tmp_path, flag):
+    with pytest.raises(ValueError, match="need fsdp=True"):
+        cli.main([*ARGS, "--model", model_dir, "--out", str(tmp_path), *flag])
+    if not torch.cuda.is_available():
+        printed = None
+        try:
+            launch("torchrun", [*ARGS, "--model", model_dir, "--out", str(tmp_path), "--fsdp",
+                                *flag], tmp_path)
+        except AssertionError as e:
+            printed = str(e)
+        assert printed is not None and "need GPUs" in printed
