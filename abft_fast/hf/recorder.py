@@ -185,10 +185,11 @@ def attention_layers(model) -> list:
     return [m for _, m in sorted(mods, key=lambda x: x[0])]
 
 
-def _stop_hooks(model, units) -> list:
+def _stop_hooks(model, units) -> tuple:
     """Hooks that end the forward once the last attention layer has recorded its probes: right
     after that layer, or under FSDP2 after the innermost unit holding it (whose post-forward hook
-    must run to put the probes on its gradient path). Returns the handles."""
+    must run to put the probes on its gradient path). Returns (hook handles, the after-unit
+    callback for fsdp.attach or None)."""
     layers = attention_layers(model)
     if not layers:
         raise ValueError("probe(stop_early=True): the model has no attention module with a "
