@@ -28,8 +28,8 @@ IDS = [f"L{layers}-{'stop' if stop else 'full'}-{'ckpt' if ckpt else 'nockpt'}"
 def _run(out, *flags, procs=2):
     env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
     if procs:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
-               "--master_port", str(29500 + os.getpid() % 1000), str(WORKER), str(out), *flags]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               str(procs), str(WORKER), str(out), *flags]  # --standalone: a free port
     else:
         cmd = [sys.executable, str(WORKER), str(out), "--reference"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
