@@ -17,10 +17,9 @@ class StopForward(Exception):
 
 
 def attention_modules(model) -> list:
-    """Attention modules with a ``layer_idx``, ordered by layer."""
-    mods = [(m.layer_idx, m) for m in unwrap(model).modules()
-            if "Attention" in type(m).__name__ and isinstance(getattr(m, "layer_idx", None), int)]
-    return [m for _, m in sorted(mods, key=lambda x: x[0])]
+    """Attention modules with a ``layer_idx``, ordered by layer (``abft_fast.hf.attention_layers``
+    of the unwrapped model)."""
+    return hf.attention_layers(unwrap(model))
 
 
 @contextmanager

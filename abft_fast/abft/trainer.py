@@ -105,10 +105,15 @@ def make_accelerator(**kw):
     return acc
 
 
+def _distributed_type(acc) -> str:
+    """accelerate's distributed type as a bare name ("NO", "MULTI_CPU", "FSDP", "DEEPSPEED", ...)."""
+    return str(getattr(acc, "distributed_type", "")).rsplit(".", 1)[-1]
+
+
 def is_sharded(acc) -> bool:
     """FSDP or DeepSpeed: the weights are partitioned over the processes, so every forward
     (evaluation included) must run on all of them."""
-    return str(getattr(acc, "distributed_type", "")).rsplit(".", 1)[-1] in ("FSDP", "DEEPSPEED")
+    return _distributed_type(acc) in ("FSDP", "DEEPSPEED")
 
 
 def full_qk_state(model) -> dict:
@@ -344,8 +349,8 @@ def train(model, tokenizer, task: data.Task, cfg: TrainConfig, progress=True, ac
     # The parameters as prepared (a sharding wrapper may have replaced them), checked for a
     # gradient every step: one process, DDP and FSDP2 (DTensor gradients). Not under DeepSpeed or
     # FSDP1, which keep gradients in their own flat buffers (p.grad is None by design there).
-    dtype = str(getattr(acc, "distributed_type", "")).rsplit(".", 1)[-1]
-    own_buffers = dtype == "DEEPSPEED" or (dtype == "FSDP" and not getattr(acc, "is_fsdp2", False))
+    kind = _distributed_type(acc)
+    own_buffers = kind == "DEEPSPEED" or (kind == "FSDP" and not getattr(acc, "is_fsdp2", False))
     checked = [] if own_buffers else [
         (n.removeprefix("model."), p)
         for n, p in acc.unwrap_model(objective).named_parameters() if p.requires_grad]

@@ -20,7 +20,7 @@ from __future__ import annotations
 from .attention import attention_forward, get_backend, set_backend
 from .column_scores import ColumnScoreRecorder, column_scores
 from .masks import AbftMask, UnsupportedMaskError, describe_mask_function, mask_builder
-from .recorder import NAME, ProbeRecorder, probe
+from .recorder import NAME, ProbeRecorder, attention_layers, probe
 
 try:
     from transformers.masking_utils import AttentionMaskInterface
@@ -30,7 +30,7 @@ except ImportError as e:  # pragma: no cover - depends on the installed transfor
     raise import_failure(e) from e
 
 __all__ = ["NAME", "AbftMask", "ColumnScoreRecorder", "ProbeRecorder", "UnsupportedMaskError",
-           "attention_forward", "column_scores", "describe_mask_function", "get_backend",
+           "attention_forward", "attention_layers", "column_scores", "describe_mask_function", "get_backend",
            "mask_builder", "probe", "register", "set_backend"]
 
 

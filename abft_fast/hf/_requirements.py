@@ -3,28 +3,21 @@ from __future__ import annotations
 
 import importlib.metadata
 
-MIN_TRANSFORMERS = (4, 53)
-
-
-def _version_tuple(text: str) -> tuple[int, ...]:
-    parts = []
-    for p in text.split(".")[:2]:
-        digits = "".join(ch for ch in p if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
+MIN_TRANSFORMERS = "4.53"
 
 
 def import_failure(err: ImportError) -> ImportError:
     """An ImportError that names the real cause of ``err``: a missing or too old transformers, or
     (with a recent enough transformers installed) the import error itself and the module it came
     from, so that a broken or shadowed dependency is not reported as an old transformers."""
-    need = ".".join(map(str, MIN_TRANSFORMERS))
+    need = MIN_TRANSFORMERS
     try:
         have = importlib.metadata.version("transformers")
     except importlib.metadata.PackageNotFoundError:
         return ImportError(f"abft_fast.hf needs transformers >= {need}, which is not installed: "
                            f"`pip install 'transformers>={need}'` ({err})")
-    if _version_tuple(have) < MIN_TRANSFORMERS:
+    from packaging.version import Version  # a dependency of transformers, which is installed
+    if Version(have) < Version(need):
         return ImportError(f"abft_fast.hf needs transformers >= {need} (AttentionMaskInterface); "
                            f"transformers {have} is installed. Upgrade with "
                            f"`pip install 'transformers>={need}'` ({err})")
