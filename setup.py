@@ -62,6 +62,8 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "import-linter"],
         "abft": ["staicc", "gguf", "peft", "matplotlib"],
+        # QLoRA (train --load-in-4bit): NF4 linear layers on the CPU and CUDA
+        "qlora": ["bitsandbytes>=0.50", "peft"],
     },
     entry_points={"console_scripts": ["abft-fast=abft_fast.abft.cli:main"]},
     ext_modules=ext_modules,

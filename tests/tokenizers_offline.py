@@ -53,14 +53,15 @@ def gemma_style(corpus, vocab=800):
 FAMILIES = {"gpt2": gpt2_style, "llama": llama_style, "gemma": gemma_style}
 
 
-def save_tiny_llama(path, texts):
-    """A 2-layer GQA Llama with random weights and a Llama-style tokenizer trained on ``texts``,
-    saved to ``path`` (a directory the CLI accepts as --model)."""
+def save_tiny_llama(path, texts, hidden=32):
+    """A 2-layer GQA Llama (4 heads, 2 KV heads) of width ``hidden`` with random weights and a
+    Llama-style tokenizer trained on ``texts``, saved to ``path`` (a directory the CLI accepts as
+    --model)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     tok = llama_style(texts, vocab=400)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=512, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)

@@ -12,17 +12,23 @@ from dataclasses import asdict
 # The demo trains on 512 distinct prompts, each seen once (64 steps x 8), the setting measured to
 # gain on SmolLM2-135M + SST-2 (docs/results/multi-query); timing in docs/abft.md.
 DEMO = dict(train_prompts=512, steps=64, batch=8, micro_batch=4, lr=2e-5, eval_queries=100)
+LR = 2e-5        # full W_Q / W_K (the paper's models up to 10B)
+QLORA_LR = 1e-4  # LoRA on q/k over a 4-bit base (the paper's models above 10B)
 
 
-def load_model(name, dtype="float32"):
+def load_model(name, dtype="float32", load_in_4bit=False):
     """A local HF model directory, or a name known to ``abft_fast.hf.packaged`` (e.g. smollm2-135m),
-    with the "abft_fast" attention implementation."""
+    with the "abft_fast" attention implementation; ``load_in_4bit``: its linear layers in NF4
+    (``abft_fast.hf.quant``; a packaged GGUF is de-quantised, then re-quantised)."""
     import torch
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if dt is None:
         raise ValueError(f"--dtype must be float32, bfloat16 or float16; got {dtype!r}")
-    from ..hf.packaged import load
-    model, tok = load(name, dtype=dt, attn_implementation="abft_fast")
+    from ..hf.packaged import PACKAGED, load
+    if load_in_4bit and name in PACKAGED:
+        print(f"{name}: its GGUF is de-quantised to float32, then re-quantised to NF4 "
+              "(--load-in-4bit)", flush=True)
+    model, tok = load(name, dtype=dt, attn_implementation="abft_fast", load_in_4bit=load_in_4bit)
     return model, tok
 
 
@@ -45,6 +51,10 @@ def _parser():
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"])
         sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        sp.add_argument("--load-in-4bit", action="store_true",
+                        help="QLoRA: the base model's linear layers in 4-bit NF4 (bitsandbytes, "
+                             "double quantisation; compute in bfloat16 on a GPU, float32 on the "
+                             "CPU); training then uses LoRA on q/k (r 16, lr 1e-4 by default)")
         sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
         sp.add_argument("--out", default=None, help="output directory (report.json, plots, weights)")
         sp.add_argument("--no-progress", action="store_true")
@@ -62,7 +72,9 @@ def _parser():
                         help="pseudo-batch (samples per optimizer step)")
         sp.add_argument("--micro-batch", type=int, default=d.get("micro_batch", 4),
                         help="samples per forward (gradient accumulation = batch / micro-batch)")
-        sp.add_argument("--lr", type=float, default=d.get("lr", 2e-5))
+        sp.add_argument("--lr", type=float, default=None,
+                        help=f"learning rate (default {d.get('lr', LR):g}; with --load-in-4bit "
+                             f"{QLORA_LR:g}, the paper's LoRA rate)")
         sp.add_argument("-A", "--a0", type=float, default=0.5, help="initial wrong-label weight A")
         sp.add_argument("-B", "--b", type=float, default=1.0, help="correct-label weight B")
         sp.add_argument("--lora", action="store_true", help="LoRA on q/k (peft) instead of full q/k")
@@ -155,7 +167,7 @@ def cmd_eval(args):
     _setup(args)
     if args.baseline and not args.weights:
         raise SystemExit("--baseline compares with --weights: give both")
-    model, tok = load_model(args.model, args.dtype)
+    model, tok = load_model(args.model, args.dtype, args.load_in_4bit)
     task = data.load_task(args.dataset, args.k)
     base = _evaluations(args, model, tok, task, abft=False) if args.baseline else None
     if args.weights:
@@ -223,12 +235,14 @@ def cmd_train(args, title="ABFT"):
             print(*a, flush=True)
 
     t = time.perf_counter()
-    model, tok = load_model(args.model, args.dtype)
+    model, tok = load_model(args.model, args.dtype, args.load_in_4bit)
     load_s = time.perf_counter() - t
     task = data.load_task(args.dataset, args.k)
     prog = not args.no_progress
     say(f"{title}: {args.model} on {task.name} ({len(task.label_words)} labels), "
         f"k={args.k}, {cfg.steps} steps x {cfg.batch} samples, lr {cfg.lr}"
+        + (f", {'4-bit NF4 base + ' if args.load_in_4bit else ''}LoRA r {cfg.lora_r} on q/k"
+           if cfg.lora else "")
         + (f", {acc.num_processes} processes" if acc.num_processes > 1 else ""))
     # Evaluation runs on the main process only (the others wait), except with sharded weights
     # (FSDP / DeepSpeed), where every forward is collective: then all processes evaluate the same
@@ -301,10 +315,25 @@ def cmd_train(args, title="ABFT"):
     return report
 
 
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse_args(argv):
+    """The parsed command line with the defaults that depend on other flags filled in: with
+    --load-in-4bit, LoRA on q/k (a 4-bit base cannot train) and lr QLORA_LR unless given."""
     args = _parser().parse_args(argv)
-    args.argv = argv  # the command as given, for the report
+    args.argv = list(argv)  # the command as given, for the report
+    if args.cmd == "eval":
+        return args
+    if args.load_in_4bit:
+        if args.fsdp:
+            raise SystemExit("--load-in-4bit with --fsdp: FSDP2 does not shard bitsandbytes 4-bit "
+                             "weights here; use one process per GPU (DDP) or drop --fsdp")
+        args.lora = True
+    if args.lr is None:
+        args.lr = QLORA_LR if args.load_in_4bit else (DEMO["lr"] if args.cmd == "demo" else LR)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.cmd == "eval":
         cmd_eval(args)
     elif args.cmd == "train":

@@ -2,10 +2,13 @@
 safetensors save / reload."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from ..hf.quant import is_4bit
 
 __all__ = ["QKParam", "add_lora", "freeze_all_but_qk", "load_qk", "qk_parameters", "save_qk",
            "unwrap"]
@@ -102,12 +105,17 @@ def add_lora(model, r=16, alpha=None):
     return get_peft_model(model, cfg)
 
 
+def base_kind(model) -> str:
+    """"nf4" for a 4-bit (bitsandbytes) base, else "full"; recorded in ``save_qk`` files."""
+    return "nf4" if is_4bit(model) else "full"
+
+
 def save_qk(model, path, full=None):
     """Save the trained W_Q/W_K (or LoRA factors) as a small safetensors file. ``full``:
     id(parameter) -> full tensor, for parameters sharded over processes (FSDP)."""
     from safetensors.torch import save_file
     qk = qk_parameters(model)
-    tensors, meta = {}, {"format": "abft-qk", "lora": "0"}
+    tensors, meta = {}, {"format": "abft-qk", "lora": "0", "base": base_kind(model)}
     for q in qk:
         t = q.param.detach() if full is None or id(q.param) not in full else full[id(q.param)]
         if q.keep is not None:
@@ -132,6 +140,13 @@ def load_qk(model, path):
         meta = f.metadata() or {}
         if meta.get("format") != "abft-qk":
             raise ValueError(f"{path}: not an abft-qk file (metadata {meta})")
+        if meta.get("lora") != "1" and is_4bit(model):
+            raise ValueError(f"{path} holds full W_Q/W_K, which cannot be loaded into a 4-bit base "
+                             "(its q/k weights are quantised): load the model without 4-bit")
+        if meta.get("base", "full") != base_kind(model):
+            warnings.warn(f"{path} was trained on a {meta.get('base', 'full')} base and is loaded "
+                          f"onto a {base_kind(model)} one: the results differ from training's",
+                          stacklevel=2)
         if meta.get("lora") == "1" and not any("lora_" in n for n, _ in model.named_parameters()):
             model = add_lora(model, int(meta.get("lora_r", 16)), int(meta.get("lora_alpha", 32)))
         qk = {q.name: q for q in qk_parameters(model)}

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..hf.quant import is_4bit, keep_differentiable
 from . import data
 from .config import TrainConfig
 from .loss import abft_loss, multi_query_loss
@@ -282,6 +283,16 @@ def train(model, tokenizer, task: data.Task, cfg: TrainConfig, progress=True, ac
     if save_every and checkpoint_dir is None:
         raise ValueError("save_every > 0 needs a checkpoint_dir")
     set_seed(cfg.seed)
+    if is_4bit(model):
+        if not cfg.lora:
+            raise ValueError("the model is 4-bit (bitsandbytes): its W_Q / W_K are quantised and "
+                             "cannot train; use lora=True (QLoRA: LoRA on q/k over the 4-bit base)")
+        if cfg.fsdp:
+            raise ValueError("fsdp=True with a 4-bit model: FSDP2 does not shard bitsandbytes "
+                             "4-bit weights here; use one process per GPU (DDP)")
+        # bitsandbytes' CPU inference kernel has no backward: off, whoever loaded the model, and
+        # undone where an evaluation already repacked weights for it
+        keep_differentiable(model)
     if cfg.lora:
         model = add_lora(model, cfg.lora_r)
     freeze_all_but_qk(model)

@@ -155,17 +155,31 @@ def convert(name: str, *, force: bool = False, root: str | os.PathLike | None = 
 
 def load(name_or_path: str, *, dtype: torch.dtype = torch.float32,
          attn_implementation: str | None = None, device: str | torch.device | None = None,
-         root: str | os.PathLike | None = None, **kwargs):
+         root: str | os.PathLike | None = None, load_in_4bit: bool = False, **kwargs):
     """Return ``(model, tokenizer)`` in eval mode.
 
     name_or_path: a PACKAGED name ("smollm2-135m", "gemma3-270m": converted once, then read from
       the cache under ``root`` (default :func:`cache_dir`)), or anything
       ``AutoModelForCausalLM.from_pretrained`` accepts (e.g. a local directory).
-    dtype: parameter dtype; attn_implementation: e.g. "abft_fast" (registered on demand), "eager",
-      "sdpa"; device: where to move the model; kwargs go to ``from_pretrained``.
+    dtype: parameter dtype (with ``load_in_4bit``: of what stays unquantised); attn_implementation:
+      e.g. "abft_fast" (registered on demand), "eager", "sdpa"; device: where to put the model;
+      load_in_4bit: linear layers in NF4 (:func:`.quant.nf4_config`; a packaged GGUF is
+      de-quantised to float32 first, then re-quantised to NF4), placed by :func:`.quant.device_map`
+      unless ``device`` is given; kwargs go to ``from_pretrained``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if load_in_4bit:
+        from . import quant
+        quant.check_bitsandbytes(device)
+        if "quantization_config" in kwargs:
+            raise ValueError("load(load_in_4bit=True) sets quantization_config itself; pass one "
+                             "or the other")
+        kwargs["quantization_config"] = quant.nf4_config(device=device)
+        dm = quant.device_map(device)
+        if dm is not None:
+            kwargs.setdefault("device_map", dm)
+        device = None  # placed at load: a 4-bit model is not moved afterwards
     if name_or_path in PACKAGED:
         path = convert(name_or_path, root=root)
         kwargs.setdefault("local_files_only", True)
@@ -175,6 +189,8 @@ def load(name_or_path: str, *, dtype: torch.dtype = torch.float32,
                                                  **_dtype_kw(dtype), **kwargs)
     tok_kw = {"local_files_only": kwargs["local_files_only"]} if "local_files_only" in kwargs else {}
     tokenizer = AutoTokenizer.from_pretrained(path, **tok_kw)
+    if load_in_4bit:
+        quant.keep_differentiable(model)
     if device is not None:
         model.to(device)
     return model.eval(), tokenizer

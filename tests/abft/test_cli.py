@@ -63,7 +63,7 @@ def test_bad_flags_are_rejected(model_dir, tmp_path, capsys):
 def test_demo_trains_on_each_of_its_prompts_once():
     # the setting measured to gain on SmolLM2-135M + SST-2 (docs/results/demo-512x1): 512 distinct
     # prompts, one permutation of them over 64 steps x 8 at the paper's lr
-    args = cli._parser().parse_args(["demo"])
+    args = cli.parse_args(["demo"])
     assert args.train_prompts == 512 and args.steps * args.batch == args.train_prompts
     assert args.lr == 2e-5 and args.eval_queries == 100 and args.dataset == "sst2"
     order = trainer._Order(args.train_prompts, args.seed)
