@@ -26,9 +26,14 @@
 #      T_CUDA);
 #   6. bench/tune_tiles.py: Triton tile configurations at the quick shape (DIR/tiles.csv and
 #      DIR/tiles.log, T_TUNE);
-#   7. the rest of the quick benchmark (T_BENCH) into DIR/bench.
+#   7. the rest of the quick benchmark (T_BENCH) into DIR/bench;
+#   8. QLoRA (issue 28; only when a bitsandbytes wheel is in $WHEELS, default build/wheels, carried
+#      to the machine, as its image has none): one ABFT step on the Llama-8B shape at L 4k, NF4 +
+#      LoRA beside bf16 full q/k, peak memory and tokens/s (scripts/qlora_step.py, T_QLORA) into
+#      DIR/qlora_step.csv. About 4 minutes: run it as its own call, SKIP="decisive triton cuda
+#      tune bench".
 # Every benchmark directory is packed as DIR/<name>.tgz.
-# SKIP="cuda tune" (any of decisive, triton, cuda, tune, bench) leaves stages out; 8 files at most
+# SKIP="cuda tune" (any of decisive, triton, cuda, tune, bench, qlora) leaves stages out; 8 files at most
 # come back. The last lines printed are the pytest summaries and the benchmark tables.
 set -u
 OUT=${OUT:-gpu_out}
@@ -39,6 +44,7 @@ export ABFT_FAST_CUDA_BUILD_DIR=${ABFT_FAST_CUDA_BUILD_DIR:-/tmp/abft_fast_cuda_
 # defaults sum to about 9 minutes, under one device call's 10 (the build overlaps stage 3)
 T_BUILD=${T_BUILD:-180} T_DECISIVE=${T_DECISIVE:-150} T_VARIANT=${T_VARIANT:-60}
 T_TRITON=${T_TRITON:-150} T_CUDA=${T_CUDA:-60} T_TUNE=${T_TUNE:-60} T_BENCH=${T_BENCH:-60}
+T_QLORA=${T_QLORA:-270} WHEELS=${WHEELS:-build/wheels}
 DECISIVE=${DECISIVE:-"both and (abft_auto or abft_sdpa or abft_triton or sdpa_cudnn or sdpa_flash or sdpa_efficient or flex)"}
 # shorter timing budgets than bench/run.sh's defaults, so that the quick grid fits one call
 export ABFT_BENCH_SECONDS=${ABFT_BENCH_SECONDS:-0.5} ABFT_BENCH_E2E_SECONDS=${ABFT_BENCH_E2E_SECONDS:-2}
@@ -121,6 +127,16 @@ if want bench; then
   bench_stage bench "$T_BENCH" "${DECISIVE:+not (${DECISIVE})}"
 fi
 
+if want qlora && ls "$WHEELS"/bitsandbytes-*.whl >/dev/null 2>&1; then
+  stamp "8. QLoRA: one ABFT step, Llama-8B shape, L 4k (NF4 + LoRA vs bf16 full q/k)"
+  {
+    "$PY" -m pip install -q --no-deps --no-index "$WHEELS"/bitsandbytes-*.whl
+    timeout "$T_QLORA" "$PY" scripts/qlora_step.py --shape llama-8b --length 4096 \
+      --csv "$OUT/qlora_step.csv"
+    echo "qlora exit $?"
+  } >"$OUT/qlora_step.log" 2>&1
+fi
+
 stamp "done"
 # per-test lines (-v) survive a time-out, when pytest prints no summary
 for f in test_triton test_cuda; do
@@ -130,6 +146,7 @@ for f in test_triton test_cuda; do
   grep -E "^(FAILED|ERROR)|(passed|failed).* in |exit" "$OUT/$f.log" | tail -25
 done
 if [ -f "$OUT/tiles.log" ]; then echo "== tiles"; tail -20 "$OUT/tiles.log"; fi
+if [ -f "$OUT/qlora_step.log" ]; then echo "== qlora"; grep -E "^\{|exit|Error" "$OUT/qlora_step.log" | tail -6; fi
 for b in decisive decisive-tma-tune bench; do
   [ -f "$OUT/$b.log" ] || continue
   echo "== $b"; grep -E "passed|failed|error|exit" "$OUT/$b.log" | tail -5
