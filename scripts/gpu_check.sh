@@ -76,7 +76,7 @@ if want cuda; then
   stamp "2. CUDA extension build (background)"
   (
     s=$SECONDS
-    timeout "$T_BUILD" "$PY" -c "from abft_fast.ops.cuda_backend import load_extension; load_extension()"
+    timeout "$T_BUILD" "$PY" -c "from abft_fast.ops.cuda_ext import load_extension; load_extension()"
     echo "build exit $? after $((SECONDS - s)) s"
   ) >"$OUT/cuda_build.log" 2>&1 &
   build_pid=$!

@@ -534,7 +534,8 @@ def parser():
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--harness", default="abft", choices=["abft", "both"],
                    help="both: score every cell by StaICC's own harness too (a table of its own)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"])
+    from abft_fast import BACKENDS
+    p.add_argument("--backend", default="auto", choices=list(BACKENDS))
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--no-progress", action="store_true", help="no per-cell tqdm bars")
     p.add_argument("--table-only", action="store_true")

@@ -9,6 +9,8 @@ import sys
 import time
 from dataclasses import asdict
 
+from .. import BACKENDS
+
 # The demo trains on 512 distinct prompts, each seen once (64 steps x 8), the setting measured to
 # gain on SmolLM2-135M + SST-2 (docs/results/multi-query); timing in docs/abft.md.
 DEMO = dict(train_prompts=512, steps=64, batch=8, micro_batch=4, lr=2e-5, eval_queries=100)
@@ -49,7 +51,9 @@ def _parser():
                         help="queries for template / demonstration consistency (0 = skip)")
         sp.add_argument("--eval-batch", type=int, default=8)
         sp.add_argument("--seed", type=int, default=0)
-        sp.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"])
+        sp.add_argument("--backend", default="auto", choices=list(BACKENDS),
+                        help="the attention op's engine (abft_fast.attention; README's engine "
+                             "table)")
         sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
         sp.add_argument("--load-in-4bit", action="store_true",
                         help="QLoRA: the base model's linear layers in 4-bit NF4 (bitsandbytes, "

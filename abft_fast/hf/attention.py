@@ -17,8 +17,8 @@ _backend = "auto"
 
 
 def set_backend(name: str) -> None:
-    """Backend used by every "abft_fast" attention layer: "auto" (default), "triton", "cuda" or
-    "torch" (see :func:`abft_fast.attention`)."""
+    """Backend used by every "abft_fast" attention layer: one of ``abft_fast.BACKENDS`` ("auto",
+    the default, "sdpa", "triton", "cuda", "torch"; see :func:`abft_fast.attention`)."""
     global _backend
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")

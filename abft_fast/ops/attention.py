@@ -1,11 +1,12 @@
 """Public entry point ``abft_fast.attention``: argument spec, engine choice, dispatch."""
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 
+from . import available
+from .available import cuda_ext_available, triton_available  # re-exported
 from .spec import BACKENDS, AttentionSpec, check_backend, make_spec
 
 _broken: dict[str, str] = {}  # backend name -> why "auto" stopped using it (warned once)
@@ -78,43 +79,11 @@ def _backend_module(name):
     return m
 
 
-_triton_import: list[str] = []  # [why Triton cannot be imported, or ""], filled on first use
-
-
-def _triton_importable() -> str:
-    if not _triton_import:
-        try:
-            import triton  # noqa: F401
-            _triton_import.append("")
-        except Exception as e:  # pragma: no cover - triton missing
-            _triton_import.append(f"Triton cannot be imported ({e})")
-    return _triton_import[0]
-
-
-def triton_available(device: torch.device) -> tuple[bool, str]:
-    """(usable, reason) for the Triton kernels on tensors of ``device``."""
-    why = _triton_importable()
-    if why:
-        return False, why
-    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return True, ""
-    return False, ("Triton needs CUDA tensors (or TRITON_INTERPRET=1 set before abft_fast is "
-                   f"imported, to run kernels on the CPU); got tensors on {device}")
-
-
-def cuda_ext_available(device: torch.device) -> tuple[bool, str]:
-    if device.type != "cuda":
-        return False, f"the CUDA extension needs CUDA tensors; got tensors on {device}"
-    if torch.version.cuda is None:  # pragma: no cover
-        return False, "this torch build has no CUDA"
-    return True, ""
-
-
 def _available(name: str, device: torch.device) -> tuple[bool, str]:
     if name == "triton":
-        return triton_available(device)
+        return available.triton_available(device)
     if name == "cuda":
-        return cuda_ext_available(device)
+        return available.cuda_ext_available(device)
     return True, ""
 
 

@@ -106,7 +106,7 @@ def make_column_spec(q, k, *, rows, causal, scale, key_padding_mask, window,
 # ------------------------------------------------------------------------------------- triton
 
 def _triton(q, k, spec: AttentionSpec):
-    from .attention import triton_available
+    from .available import triton_available
     ok, why = triton_available(q.device)
     if not ok:
         raise RuntimeError(f"backend='triton' is not available: {why}")

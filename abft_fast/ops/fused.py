@@ -137,7 +137,7 @@ def _engine(name: str):
     if name == "triton":
         return TritonEngine
     if name == "cuda":
-        from .cuda_backend import load_extension
+        from .cuda_ext import load_extension
         return ExtensionEngine(load_extension())
     raise ValueError(f"unknown fused engine {name!r}")
 

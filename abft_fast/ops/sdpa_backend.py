@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import probe_ops, torch_backend
+from . import available, probe_ops, torch_backend
 from .spec import AttentionSpec, probs_dtype
 
 
@@ -110,8 +110,7 @@ class SdpaWithProbes(torch.autograd.Function):
 
 
 def _triton_probes(q) -> bool:
-    from .attention import triton_available
-    return q.dtype != torch.float64 and triton_available(q.device)[0]
+    return q.dtype != torch.float64 and available.triton_available(q.device)[0]
 
 
 def probe_engine(q, spec: AttentionSpec) -> str:
@@ -127,10 +126,9 @@ def probe_engine(q, spec: AttentionSpec) -> str:
 
 
 def _cuda_probes(q, spec: AttentionSpec) -> bool:
-    from . import cuda_backend
-    from .attention import cuda_ext_available
+    from . import cuda_backend, cuda_ext
     return (q.dtype != torch.float64 and spec.head_dim <= cuda_backend.MAX_HEAD_DIM
-            and cuda_ext_available(q.device)[0] and cuda_backend.extension_loads())
+            and available.cuda_ext_available(q.device)[0] and cuda_ext.extension_loads())
 
 
 def probe_probs(q, k, spec: AttentionSpec):

@@ -40,10 +40,10 @@ from cases import (
 )
 from test_torch_backend import CASES
 
-from abft_fast.ops import cuda_backend
+from abft_fast.ops import cuda_backend, cuda_ext
 from abft_fast.ops.reference import attention_reference
 
-CSRC = cuda_backend.csrc_dir()
+CSRC = cuda_ext.csrc_dir()
 NVCC = shutil.which("nvcc")
 CXX = shutil.which("c++") or shutil.which("g++")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -69,7 +69,7 @@ def _floor(dtype, gpu=False):
 def test_import_does_not_build(tmp_path):
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), CUDA_VISIBLE_DEVICES="")
     env.pop("ABFT_FAST_CUDA_BUILD_DIR", None)
-    code = ("import abft_fast, abft_fast.ops.cuda_backend as c\n"
+    code = ("import abft_fast, abft_fast.ops.cuda_backend, abft_fast.ops.cuda_ext as c\n"
             "assert c._ext is None and c._build_error is None\n"
             "print(c.build_directory())")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
@@ -82,25 +82,25 @@ def test_import_does_not_build(tmp_path):
 def test_build_directory_follows_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("ABFT_FAST_CUDA_BUILD_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    d = cuda_backend.build_directory()
+    d = cuda_ext.build_directory()
     assert d.parent == tmp_path / "abft_fast" / "cuda_ext"
     assert d.name.startswith("torch") and "-cu" in d.name
     monkeypatch.delenv("XDG_CACHE_HOME")
     home = Path(os.path.expanduser("~"))
-    assert cuda_backend.build_directory().parent == home / ".cache" / "abft_fast" / "cuda_ext"
+    assert cuda_ext.build_directory().parent == home / ".cache" / "abft_fast" / "cuda_ext"
     monkeypatch.setenv("ABFT_FAST_CUDA_BUILD_DIR", str(tmp_path / "mine"))
-    assert cuda_backend.build_directory() == tmp_path / "mine"
+    assert cuda_ext.build_directory() == tmp_path / "mine"
 
 
 def test_jit_sources_are_shipped():
-    for name in cuda_backend.JIT_SOURCES:
+    for name in cuda_ext.JIT_SOURCES:
         assert (CSRC / name).is_file(), name
 
 
 def _fake_sources(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    for n in cuda_backend.JIT_SOURCES:
+    for n in cuda_ext.JIT_SOURCES:
         (src / n).write_text("// stand-in\n")
     return src
 
@@ -113,7 +113,7 @@ def test_jit_build_logs_one_line_then_uses_the_cache(monkeypatch, tmp_path, capl
     build = tmp_path / "build"
     monkeypatch.setenv("ABFT_FAST_CUDA_BUILD_DIR", str(build))
     src = _fake_sources(tmp_path)
-    monkeypatch.setattr(cuda_backend, "csrc_dir", lambda: src)
+    monkeypatch.setattr(cuda_ext, "csrc_dir", lambda: src)
     monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "13.0")
     loads = []
 
@@ -126,35 +126,35 @@ def test_jit_build_logs_one_line_then_uses_the_cache(monkeypatch, tmp_path, capl
 
     def warnings():
         return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert cuda_backend._jit_build() == "module"
+    assert cuda_ext._jit_build() == "module"
     assert warnings() == [f"abft_fast: building the CUDA extension (first use; cached "
                           f"afterwards) in {build}"]
     caplog.clear()
-    assert cuda_backend.is_cached(build, src)
-    cuda_backend._jit_build()
+    assert cuda_ext.is_cached(build, src)
+    cuda_ext._jit_build()
     assert warnings() == [] and any("cached" in r.getMessage() for r in caplog.records)
-    lib = build / f"{cuda_backend.EXTENSION_NAME}.so"
+    lib = build / f"{cuda_ext.EXTENSION_NAME}.so"
     os.utime(lib, (1, 1))  # older than the sources: a changed source
-    assert not cuda_backend.is_cached(build, src)
-    cuda_backend._jit_build()
+    assert not cuda_ext.is_cached(build, src)
+    cuda_ext._jit_build()
     assert len(warnings()) == 1 and len(loads) == 3
 
 
 @pytest.mark.skipif(torch.version.cuda is not None, reason="failure path of a CPU-only torch")
 def test_failed_build_is_a_clear_runtime_error_raised_once(monkeypatch, tmp_path):
-    monkeypatch.setattr(cuda_backend, "_ext", None)
-    monkeypatch.setattr(cuda_backend, "_build_error", None)
+    monkeypatch.setattr(cuda_ext, "_ext", None)
+    monkeypatch.setattr(cuda_ext, "_build_error", None)
     monkeypatch.setenv("ABFT_FAST_CUDA_BUILD_DIR", str(tmp_path / "build"))
     calls = []
-    real = cuda_backend._jit_build
+    real = cuda_ext._jit_build
 
     def counting():
         calls.append(1)
         return real()
-    monkeypatch.setattr(cuda_backend, "_jit_build", counting)
+    monkeypatch.setattr(cuda_ext, "_jit_build", counting)
     for _ in range(2):
         with pytest.raises(RuntimeError, match=r"building the CUDA extension failed.*no CUDA"):
-            cuda_backend.load_extension()
+            cuda_ext.load_extension()
     assert calls == [1], "a failed build is remembered, not retried on every call"
 
 
@@ -527,7 +527,7 @@ def test_emulated_backend_routes(emu, monkeypatch):
     """cuda_backend.attention (the extension swapped for the emulated one): unmasked and masked
     calls alike take the torch backend's SDPA output + the CUDA probe op, never the fused kernels;
     the same numbers as the explicit route "probes"."""
-    monkeypatch.setattr(cuda_backend, "_ext", emu)
+    monkeypatch.setattr(cuda_ext, "_ext", emu)
     calls = _count_calls(monkeypatch, cuda_backend.fused, "attention")
     for case in [Case(2, 4, 2, 26, 40, 32, r=3, c=4),
                  Case(2, 4, 2, 26, 26, 32, padding="left", r=3, c=4),
@@ -546,7 +546,7 @@ def test_emulated_fully_masked_rows_and_unused_slots_give_zero(emu, monkeypatch,
     """backend="cuda"'s route with rows that see no key (batch 0: every key padded; batch 1: left
     padding under a window of 4, rows < 12 see nothing) and -1 probe slots: out, probs and the
     gradients of those rows are 0, nothing is NaN, the rest matches the reference."""
-    monkeypatch.setattr(cuda_backend, "_ext", emu)
+    monkeypatch.setattr(cuda_ext, "_ext", emu)
     case = Case(2, 4, 2, 40, 40, 32, window=4, padding="left", r=4, c=6)
     inp = make_inputs(case, _fresh())
     inp["kpm"][0] = False
@@ -602,7 +602,7 @@ def test_emulated_masked_route_compiles_fullgraph(emu, monkeypatch):
     """backend="cuda" on a masked GQA call (key padding + window) under
     torch.compile(fullgraph=True): the torch backend's block path and the probe op trace as one
     graph, forward and backward equal to eager."""
-    monkeypatch.setattr(cuda_backend, "_ext", emu)
+    monkeypatch.setattr(cuda_ext, "_ext", emu)
     case = Case(2, 4, 2, 24, 24, 16, window=6, padding="left", r=3, c=4)
     inp = make_inputs(case, _fresh())
     fn = _spec_fn(cuda_backend.attention)
@@ -639,7 +639,7 @@ def _spec_fn(backend_attention):
 def test_emulated_probe_ops_opcheck_and_compile(emu, monkeypatch):
     """The torch.library probe ops: schema, fake tensors, autograd registration (opcheck), and
     torch.compile(fullgraph=True) through them, forward and backward."""
-    monkeypatch.setattr(cuda_backend, "_ext", emu)
+    monkeypatch.setattr(cuda_ext, "_ext", emu)
     g = _fresh()
     q = torch.randn(1, 4, 20, 16, generator=g, requires_grad=True)
     k = torch.randn(1, 2, 28, 16, generator=g, requires_grad=True)
@@ -671,14 +671,13 @@ def test_sdpa_probe_engine_selection(monkeypatch):
     """Triton where it runs; else the CUDA probe kernels on CUDA tensors (fp16 / bf16 / fp32,
     D <= 256) when the extension loads; else the torch probe path. No build is attempted for
     CPU tensors. (The CUDA answer is checked with availability patched, not by running CUDA.)"""
-    from abft_fast.ops import sdpa_backend
-    api = importlib.import_module("abft_fast.ops.attention")  # the module, not the function
+    from abft_fast.ops import available, sdpa_backend
     loads = []
 
     def loads_ok():
         loads.append(1)
         return True
-    monkeypatch.setattr(cuda_backend, "extension_loads", loads_ok)
+    monkeypatch.setattr(cuda_ext, "extension_loads", loads_ok)
     q = torch.randn(1, 2, 4, 16)
     spec = spec_of(q, q, q, probe_rows=torch.tensor([[3]]))
     monkeypatch.setattr(sdpa_backend, "_triton_probes", lambda q: True)
@@ -686,24 +685,24 @@ def test_sdpa_probe_engine_selection(monkeypatch):
     monkeypatch.setattr(sdpa_backend, "_triton_probes", lambda q: False)
     assert sdpa_backend.probe_engine(q, spec) == "torch"  # CPU tensors: real availability check
     assert loads == []
-    monkeypatch.setattr(api, "cuda_ext_available", lambda dev: (True, ""))
+    monkeypatch.setattr(available, "cuda_ext_available", lambda dev: (True, ""))
     assert sdpa_backend.probe_engine(q, spec) == "cuda" and loads == [1]
     assert sdpa_backend.probe_engine(q.half(), spec) == "cuda"
     assert sdpa_backend.probe_engine(q.double(), spec) == "torch"
     big = torch.randn(1, 2, 4, 300)
     assert sdpa_backend.probe_engine(big, spec_of(big, big, big)) == "torch"
-    monkeypatch.setattr(cuda_backend, "extension_loads", lambda: False)  # a failed build
+    monkeypatch.setattr(cuda_ext, "extension_loads", lambda: False)  # a failed build
     assert sdpa_backend.probe_engine(q, spec) == "torch"
 
 
 @pytest.mark.skipif(torch.version.cuda is not None, reason="failure path of a CPU-only torch")
 def test_extension_loads_is_false_once_a_build_failed(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(cuda_backend, "_ext", None)
-    monkeypatch.setattr(cuda_backend, "_build_error", None)
+    monkeypatch.setattr(cuda_ext, "_ext", None)
+    monkeypatch.setattr(cuda_ext, "_build_error", None)
     monkeypatch.setenv("ABFT_FAST_CUDA_BUILD_DIR", str(tmp_path / "build"))
     caplog.set_level("WARNING", logger="abft_fast")
-    assert cuda_backend.extension_loads() is False
-    assert cuda_backend.extension_loads() is False
+    assert cuda_ext.extension_loads() is False
+    assert cuda_ext.extension_loads() is False
     msgs = [r.getMessage() for r in caplog.records]
     assert len(msgs) == 1 and "building the CUDA extension failed" in msgs[0]
 
@@ -714,11 +713,10 @@ def test_extension_loads_is_false_once_a_build_failed(monkeypatch, tmp_path, cap
 def test_emulated_sdpa_engine_with_cuda_probe_kernels(emu, monkeypatch, case, dtype):
     """backend="sdpa" with Triton unusable and the (emulated) CUDA extension available: the
     probes come from the CUDA probe op, within the rule of the float64 reference."""
-    from abft_fast.ops import sdpa_backend
-    api = importlib.import_module("abft_fast.ops.attention")  # the module, not the function
-    monkeypatch.setattr(cuda_backend, "_ext", emu)
+    from abft_fast.ops import available, sdpa_backend
+    monkeypatch.setattr(cuda_ext, "_ext", emu)
     monkeypatch.setattr(sdpa_backend, "_triton_probes", lambda q: False)
-    monkeypatch.setattr(api, "cuda_ext_available", lambda dev: (True, ""))
+    monkeypatch.setattr(available, "cuda_ext_available", lambda dev: (True, ""))
     calls = _count_calls(monkeypatch, cuda_backend, "probe_rows_op")
     inp = make_inputs(case, _fresh())
     ref = reference(case, inp)
@@ -825,7 +823,7 @@ def test_cuda_gpu_lse_matches_reference_and_triton(dtype):
     inp = _on_cuda(make_inputs(case, _fresh()))
     inp["kpm"][0, :200] = False  # rows < 200 of batch 0 see no key
     q, k, v = (inp[n].to(dtype) for n in "qkv")
-    _, lse = cuda_backend.load_extension().fwd(q, k, v, inp["kpm"], True, 0.125, 100)
+    _, lse = cuda_ext.load_extension().fwd(q, k, v, inp["kpm"], True, 0.125, 100)
     _, lse_ref, _ = attention_reference(inp["q"], inp["k"], inp["v"], scale=0.125,
                                         key_padding_mask=inp["kpm"], window=100)
     _, lse_tri, _ = triton_backend.attention(
@@ -878,7 +876,8 @@ def test_cuda_gpu_auto_skips_the_fused_cuda_kernels_when_triton_is_unusable(monk
     import abft_fast
     api = importlib.import_module("abft_fast.ops.attention")  # the module, not the function
     monkeypatch.setattr(api, "_broken", {})
-    monkeypatch.setattr(api, "triton_available", lambda dev: (False, "Triton disabled by the test"))
+    monkeypatch.setattr(importlib.import_module("abft_fast.ops.available"), "triton_available",
+                        lambda dev: (False, "Triton disabled by the test"))
     calls = _count_calls(monkeypatch, cuda_backend, "attention")
     q, k, v = (torch.randn(2, 4, 50, 64, device="cuda", dtype=torch.float16) for _ in range(3))
     kpm = torch.ones(2, 50, dtype=torch.bool, device="cuda")
