@@ -98,6 +98,7 @@ def make_inputs(case: Case, gen: torch.Generator):
             else:
                 kpm[i] = torch.rand(case.lk, generator=gen) > 0.3
     rows = cols = None
+    seen = False
     if case.r is not None:
         rows = torch.randint(0, case.lq, (case.b, case.r), generator=gen)
         if case.lq > 1 and case.r > 0:
@@ -106,12 +107,34 @@ def make_inputs(case: Case, gen: torch.Generator):
             rows[:, -1] = -1
         if case.c is not None:
             cols = torch.randint(0, case.lk, (case.b, case.c), generator=gen)
+            if case.window is not None:
+                seen = _cols_in_window(case, rows, cols, kpm, gen)
             if case.unused and case.c > 1:
                 cols[0, 0] = -1
     do = torch.randn(case.b, case.hq, case.lq, case.d, **f)
     nc = case.lk if case.c is None else case.c
     dp = torch.randn(case.b, case.hq, case.r or 0, nc, **f) if rows is not None else None
-    return dict(q=q, k=k, v=v, kpm=kpm, rows=rows, cols=cols, do=do, dp=dp)
+    return dict(q=q, k=k, v=v, kpm=kpm, rows=rows, cols=cols, do=do, dp=dp, probes_see_keys=seen)
+
+
+def _cols_in_window(case: Case, rows, cols, kpm, gen):
+    """Windowed cases: uniform columns would mostly fall outside every probe row's window (all
+    probes 0, their gradient unchecked). Per batch row, the last probe slots take keys that the
+    first probe row able to see any key sees (after padding), so probes are non-zero. Returns
+    whether any batch row got such columns (False: no probe row sees a key, a valid hard case)."""
+    offset, seen = case.lk - case.lq, False
+    for b in range(case.b):
+        for r in rows[b].tolist():
+            i = r + offset
+            keys = [j for j in range(max(0, i - case.window + 1), min(case.lk, i + 1))
+                    if kpm is None or bool(kpm[b, j])]
+            if keys:
+                n = max(1, case.c // 2)
+                pick = torch.randint(0, len(keys), (n,), generator=gen)
+                cols[b, case.c - n:] = torch.tensor(keys)[pick]
+                seen = True
+                break
+    return seen
 
 
 def run(fn, case: Case, inp, dtype, **kw):
@@ -131,7 +154,12 @@ def run(fn, case: Case, inp, dtype, **kw):
 
 
 def reference(case, inp):
-    return run(attention_reference, case, inp, torch.float64)
+    ref = run(attention_reference, case, inp, torch.float64)
+    if inp.get("probes_see_keys"):
+        assert ref["probs"].abs().sum() > 0, (
+            f"{case}: every probe is 0 (no probe column inside a probe row's window): the probe "
+            "gradient would go unchecked")
+    return ref
 
 
 def rel_err(x, ref):

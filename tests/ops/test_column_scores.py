@@ -9,7 +9,7 @@ import importlib
 
 import pytest
 import torch
-from cases import Case, make_inputs, rel_err
+from cases import Case, fresh_generator, make_inputs, rel_err
 
 import abft_fast
 from abft_fast.ops.attention import triton_available
@@ -22,7 +22,7 @@ needs_triton = pytest.mark.skipif(not triton_available(torch.device(DEV))[0],
 
 
 def _fresh():
-    return torch.Generator().manual_seed(torch.seed() % 2**31)
+    return fresh_generator()
 
 
 def _poisoned_empty(monkeypatch):
