@@ -198,6 +198,19 @@ def test_training_moves_only_the_lora_factors_of_every_layer_deterministically(m
     assert la == lb and all(torch.equal(a[n], b[n]) for n in a)
 
 
+def test_gradient_checkpointing_on_a_4bit_base_gives_the_same_run(model_dir, task):
+    runs = []
+    for ck in (False, True):
+        m, tok = load4(model_dir)
+        res = trainer.train(m, tok, task, cfg(gradient_checkpointing=ck), progress=False)
+        runs.append(({n: p.detach() for n, p in res.model.named_parameters() if p.requires_grad},
+                     [h["loss"] for h in res.history]))
+    (a, la), (b, lb) = runs
+    assert la == pytest.approx(lb, rel=1e-5)
+    for n in a:
+        torch.testing.assert_close(b[n], a[n], rtol=1e-4, atol=1e-6)
+
+
 def test_save_reload_and_resume_on_a_4bit_base(model_dir, task, tmp_path):
     from test_resume import Killed, kill_after
     m, tok = load4(model_dir)
