@@ -81,7 +81,9 @@ def _parser():
                              f"{QLORA_LR:g}, the paper's LoRA rate)")
         sp.add_argument("-A", "--a0", type=float, default=0.5, help="initial wrong-label weight A")
         sp.add_argument("-B", "--b", type=float, default=1.0, help="correct-label weight B")
-        sp.add_argument("--lora", action="store_true", help="LoRA on q/k (peft) instead of full q/k")
+        sp.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,
+                        help="LoRA on q/k (peft) instead of full q/k (default: off; on with "
+                             "--load-in-4bit, which refuses --no-lora)")
         sp.add_argument("--lora-r", type=int, default=16)
         sp.add_argument("--no-filter", action="store_true", help="count every head (no threshold)")
         sp.add_argument("--no-pid", action="store_true", help="keep A fixed")
@@ -330,7 +332,10 @@ def parse_args(argv):
         if args.fsdp:
             raise SystemExit("--load-in-4bit with --fsdp: FSDP2 does not shard bitsandbytes 4-bit "
                              "weights here; use one process per GPU (DDP) or drop --fsdp")
-        args.lora = True
+        if args.lora is False:
+            raise SystemExit("--load-in-4bit needs LoRA: the 4-bit base's W_Q / W_K cannot train, "
+                             "only LoRA factors over them (QLoRA); drop --no-lora")
+    args.lora = bool(args.lora) or args.load_in_4bit
     if args.lr is None:
         args.lr = QLORA_LR if args.load_in_4bit else (DEMO["lr"] if args.cmd == "demo" else LR)
     return args

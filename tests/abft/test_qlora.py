@@ -296,6 +296,9 @@ def test_cli_defaults_for_4bit():
     assert not b.lora and b.lr == cli.LR == 2e-5
     with pytest.raises(SystemExit, match="--load-in-4bit with --fsdp"):
         cli.parse_args(["train", "--load-in-4bit", "--fsdp"])
+    with pytest.raises(SystemExit, match="--load-in-4bit needs LoRA"):
+        cli.parse_args(["train", "--load-in-4bit", "--no-lora"])
+    assert cli.parse_args(["train", "--lora"]).lora and not cli.parse_args(["demo", "--no-lora"]).lora
 
 
 def test_cli_train_and_eval_in_4bit(model_dir, tmp_path, capsys):
