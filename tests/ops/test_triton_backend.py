@@ -156,8 +156,12 @@ def test_triton_large_logits_fp16():
     ref_o, _, ref_p = attention_reference(q.double(), k.double(), v.double(),
                                           probe_rows=torch.tensor([[47, 3]], device=DEV))
     assert torch.isfinite(out).all() and torch.isfinite(probs).all()
-    assert rel_err(probs.double().cpu(), ref_p.cpu()) < 1e-2
-    assert rel_err(out.double().cpu(), ref_o.cpu()) < 1e-2
+    # the 2x rule against the torch backend in fp16 (docs/design.md section 7)
+    t_out, t_probs = abft_fast.attention(q, k, v, probe_rows=torch.tensor([[47, 3]], device=DEV),
+                                         backend="torch")
+    for got, same, ref in ((probs, t_probs, ref_p), (out, t_out, ref_o)):
+        e, e_t = rel_err(got.double().cpu(), ref.cpu()), rel_err(same.double().cpu(), ref.cpu())
+        assert e <= 2 * e_t + 1e-3, (e, e_t)  # the half-precision floor of the other checks
 
 
 def test_triton_only_probes_loss_and_noncontiguous_inputs():
