@@ -107,7 +107,7 @@ def make_inputs(case: Case, gen: torch.Generator):
             rows[:, -1] = -1
         if case.c is not None:
             cols = torch.randint(0, case.lk, (case.b, case.c), generator=gen)
-            if case.window is not None:
+            if case.window is not None and case.c > 0:
                 seen = _cols_in_window(case, rows, cols, kpm, gen)
             if case.unused and case.c > 1:
                 cols[0, 0] = -1
@@ -125,6 +125,8 @@ def _cols_in_window(case: Case, rows, cols, kpm, gen):
     offset, seen = case.lk - case.lq, False
     for b in range(case.b):
         for r in rows[b].tolist():
+            if r < 0:  # an unused slot
+                continue
             i = r + offset
             keys = [j for j in range(max(0, i - case.window + 1), min(case.lk, i + 1))
                     if kpm is None or bool(kpm[b, j])]
