@@ -31,7 +31,8 @@
 #      to the machine, as its image has none): one ABFT step on the Llama-8B shape at L 4k, NF4 +
 #      LoRA beside bf16 full q/k, peak memory and tokens/s (scripts/qlora_step.py, T_QLORA) into
 #      DIR/qlora_step.csv. About 4 minutes: run it as its own call, SKIP="decisive triton cuda
-#      tune bench".
+#      tune bench". The wheel (43 MB): `pip download --no-deps -d build/wheels bitsandbytes==0.50.2`
+#      here, then carry build/wheels.
 # Every benchmark directory is packed as DIR/<name>.tgz.
 # SKIP="cuda tune" (any of decisive, triton, cuda, tune, bench, qlora) leaves stages out; 8 files at most
 # come back. The last lines printed are the pytest summaries and the benchmark tables.
