@@ -109,6 +109,7 @@ def main():
         dist.barrier()
     if rank == 0:
         torch.save(results, path)
+    dist.barrier()  # no rank tears gloo down while the other still uses it
     dist.destroy_process_group()
 
 

@@ -33,6 +33,13 @@ def _run(out, *flags, procs=2):
     else:
         cmd = [sys.executable, str(WORKER), str(out), "--reference"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if procs and r.returncode != 0 and "terminate called without an active exception" in r.stderr:
+        # Seen once in CI under load (2 cores, two test legs): a gloo process aborted in C++
+        # with no Python error and no result written. One retry; a second abort, any Python
+        # error and every result mismatch still fail.
+        print(f"fsdp worker aborted in gloo (exit {r.returncode}); retrying once:\n"
+              f"{r.stderr[-1500:]}")
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return torch.load(out, weights_only=False)
 
