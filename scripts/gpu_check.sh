@@ -31,8 +31,9 @@
 #      to the machine, as its image has none): one ABFT step on the Llama-8B shape at L 4k, NF4 +
 #      LoRA beside bf16 full q/k, peak memory and tokens/s (scripts/qlora_step.py, T_QLORA) into
 #      DIR/qlora_step.csv. About 4 minutes: run it as its own call, SKIP="decisive triton cuda
-#      tune bench". The wheel (43 MB): `pip download --no-deps -d build/wheels bitsandbytes==0.50.2`
-#      here, then carry build/wheels.
+#      tune bench". The wheels (bitsandbytes 43 MB; peft, pure Python, in case the image lacks
+#      it): `pip download --no-deps -d build/wheels bitsandbytes==0.50.2 peft==0.21.2` here, then
+#      carry build/wheels; every wheel there is installed with --no-deps.
 # Every benchmark directory is packed as DIR/<name>.tgz.
 # SKIP="cuda tune" (any of decisive, triton, cuda, tune, bench, qlora) leaves stages out; 8 files at most
 # come back. The last lines printed are the pytest summaries and the benchmark tables.
@@ -131,7 +132,7 @@ fi
 if want qlora && ls "$WHEELS"/bitsandbytes-*.whl >/dev/null 2>&1; then
   stamp "8. QLoRA: one ABFT step, Llama-8B shape, L 4k (NF4 + LoRA vs bf16 full q/k)"
   {
-    "$PY" -m pip install -q --no-deps --no-index "$WHEELS"/bitsandbytes-*.whl
+    "$PY" -m pip install -q --no-deps --no-index "$WHEELS"/*.whl
     timeout "$T_QLORA" "$PY" scripts/qlora_step.py --shape llama-8b --length 4096 \
       --csv "$OUT/qlora_step.csv"
     echo "qlora exit $?"
