@@ -6,8 +6,9 @@
 ``measure`` builds random Llama-shaped models, loads them in NF4 (bfloat16 everything else,
 bfloat16 compute: the GPU setting) with LoRA r 16 on q/k, and records for one ABFT forward (probes
 at every layer, stopping after the last layer's attention, as the trainer does) the bytes the
-autograd graph keeps for the backward (``saved_tensors_hooks``, each storage once, parameters
-excluded), with and without gradient checkpointing, and the model's resident bytes; beside each,
+autograd graph keeps for the backward (``abft_fast.abft.measure.SavedBytes``: each storage once,
+parameters excluded), with and without gradient checkpointing, and the model's resident bytes;
+beside each,
 the prediction of :func:`kept_per_token` and :func:`predicted_weights`: small shapes that vary
 one dimension at a time, then a larger shape as the check. ``plan`` applies those formulas, the
 LoRA optimiser state and the transient buffers to the public configurations of Llama-3.2-1B,
@@ -89,9 +90,8 @@ def nf4_bytes(n):
 def load_4bit(shape: Shape, workdir):
     """The random model ``shape`` in NF4 (bfloat16 compute and rest), LoRA r 16 on q/k."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    import abft_fast.hf  # noqa: F401  (registers "abft_fast")
     from abft_fast.abft.params import add_lora, freeze_all_but_qk
     from abft_fast.hf import quant
     cfg = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden,
@@ -101,55 +101,36 @@ def load_4bit(shape: Shape, workdir):
                       tie_word_embeddings=shape.tied)
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(workdir)
-    model = AutoModelForCausalLM.from_pretrained(
-        workdir, dtype=torch.bfloat16, attn_implementation="abft_fast",
-        quantization_config=quant.nf4_config(torch.bfloat16, device="cpu"))
-    quant.keep_differentiable(model)
+    model = quant.from_pretrained(workdir, device="cpu", compute_dtype=torch.bfloat16,
+                                  dtype=torch.bfloat16, attn_implementation="abft_fast")
     model = add_lora(model, 16)
     freeze_all_but_qk(model)
     return model.eval()
 
 
 def saved_bytes(model, length, batch=1, checkpointing=False, probes=(1, 64)):
-    """Bytes the autograd graph of one ABFT forward keeps for the backward (each storage once,
-    parameters and buffers excluded)."""
+    """Bytes the autograd graph of one ABFT forward keeps for the backward
+    (``abft_fast.abft.measure.SavedBytes``: each storage once, the parameters excluded)."""
     import torch
 
+    from abft_fast.abft.measure import SavedBytes
     from abft_fast.abft.objective import ProbeForward
     from abft_fast.abft.params import unwrap
-    from abft_fast.abft.trainer import enable_gradient_checkpointing
+    from abft_fast.abft.trainer import checkpointed_layers_train_mode, enable_gradient_checkpointing
     lm = unwrap(model)
     if checkpointing:
         enable_gradient_checkpointing(model)
-        for m in lm.modules():
-            if getattr(m, "gradient_checkpointing", False) is True:
-                m.training = True
-    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    for m in model.modules():  # bitsandbytes' quantisation state tensors
-        qs = getattr(getattr(m, "weight", None), "quant_state", None)
-        if qs is not None:
-            for v in qs.as_dict().values() if hasattr(qs, "as_dict") else []:
-                if isinstance(v, torch.Tensor):
-                    own.add(v.untyped_storage().data_ptr())
-    seen = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in own and s.device.type != "meta":
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
+        checkpointed_layers_train_mode(model)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, lm.config.vocab_size, (batch, length), generator=g)
     am = torch.ones(batch, length, dtype=torch.long)
     r, c = probes
     rows = torch.full((batch, r), length - 1)
     cols = torch.randint(0, length - 1, (batch, c), generator=g)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedBytes(model) as sb:
         probs = ProbeForward(model, stop_early=True)(ids, am, rows, cols)
     assert probs.requires_grad
-    del probs
-    return sum(seen.values())
+    return sb.bytes
 
 
 def weight_bytes(model):

@@ -60,13 +60,7 @@ def load(path, mode, device):
     from abft_fast.hf import quant
     kw = dict(dtype=torch.bfloat16, attn_implementation="abft_fast")
     if mode == "nf4-lora":
-        quant.check_bitsandbytes(device)
-        kw["quantization_config"] = quant.nf4_config(device=device)
-        if quant.device_map(device) is not None:
-            kw["device_map"] = quant.device_map(device)
-        model = AutoModelForCausalLM.from_pretrained(path, **kw)
-        quant.keep_differentiable(model)
-        model = add_lora(model, 16)
+        model = add_lora(quant.from_pretrained(path, device=device, **kw), 16)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kw).to(device)
     freeze_all_but_qk(model)
@@ -79,12 +73,10 @@ def step_fn(model, length, device, checkpointing):
     from abft_fast.abft.loss import abft_loss
     from abft_fast.abft.objective import ProbeForward
     from abft_fast.abft.params import unwrap
-    from abft_fast.abft.trainer import enable_gradient_checkpointing
+    from abft_fast.abft.trainer import checkpointed_layers_train_mode, enable_gradient_checkpointing
     if checkpointing:
         enable_gradient_checkpointing(model)
-        for m in unwrap(model).modules():
-            if getattr(m, "gradient_checkpointing", False) is True:
-                m.training = True
+        checkpointed_layers_train_mode(model)
     vocab = unwrap(model).config.vocab_size
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (1, length), generator=g).to(device)

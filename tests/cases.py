@@ -117,6 +117,20 @@ def make_inputs(case: Case, gen: torch.Generator):
     return dict(q=q, k=k, v=v, kpm=kpm, rows=rows, cols=cols, do=do, dp=dp, probes_see_keys=seen)
 
 
+def expected_probes(attentions, rows, cols):
+    """Gather [layers, B, H, R, C] from eager attentions [layers][B, H, L, L] (HF's
+    output_attentions); -1 slots give 0, cols None gives full rows."""
+    a = torch.stack(attentions)
+    out = []
+    for b in range(rows.shape[0]):
+        p = a[:, b][:, :, rows[b].clamp(min=0)]  # [layers, H, R, L]
+        p = p * (rows[b] >= 0)[None, None, :, None]
+        if cols is not None:
+            p = p[..., cols[b].clamp(min=0)] * (cols[b] >= 0)
+        out.append(p)
+    return torch.stack(out, 1)
+
+
 def _cols_seen(case: Case, rows, cols, kpm, gen):
     """Uniform columns can all land on keys no probe row sees (padding, the causal limit, a
     window: the window-7 case in 38 % of seeds), leaving every probe 0 and its gradient unchecked.

@@ -19,7 +19,8 @@ from .objective import ProbeForward
 from .params import add_lora, freeze_all_but_qk, load_qk, qk_parameters, save_qk, unwrap
 from .pid import PID
 
-__all__ = ["TrainConfig", "TrainResult", "add_lora", "enable_gradient_checkpointing",
+__all__ = ["TrainConfig", "TrainResult", "add_lora", "checkpointed_layers_train_mode",
+           "enable_gradient_checkpointing",
            "encode_training_prompts", "freeze_all_but_qk", "load_qk", "qk_parameters", "save_qk",
            "train", "unwrap"]
 
@@ -140,6 +141,14 @@ def enable_gradient_checkpointing(model) -> None:
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
     else:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+
+def checkpointed_layers_train_mode(model) -> None:
+    """HF checkpoints a layer only in training mode: after ``model.eval()``, put the checkpointed
+    layers themselves (not their dropout children) back in training mode."""
+    for m in unwrap(model).modules():
+        if getattr(m, "gradient_checkpointing", False) is True:
+            m.training = True
 
 
 class _Order:
@@ -366,10 +375,8 @@ def train(model, tokenizer, task: data.Task, cfg: TrainConfig, progress=True, ac
         (n.removeprefix("model."), p)
         for n, p in acc.unwrap_model(objective).named_parameters() if p.requires_grad]
     objective.eval()  # no dropout: the ABFT loss is deterministic; gradients flow in eval mode
-    if cfg.gradient_checkpointing:  # HF checkpoints a layer only in training mode: the layers
-        for m in lm.modules():      # themselves (not their dropout children) go to train mode
-            if getattr(m, "gradient_checkpointing", False) is True:
-                m.training = True
+    if cfg.gradient_checkpointing:
+        checkpointed_layers_train_mode(lm)
 
     def save(step):
         st = {"step": step, "trainable": {n: p.detach().cpu().clone() for n, p in named},

@@ -163,34 +163,28 @@ def load(name_or_path: str, *, dtype: torch.dtype = torch.float32,
       ``AutoModelForCausalLM.from_pretrained`` accepts (e.g. a local directory).
     dtype: parameter dtype (with ``load_in_4bit``: of what stays unquantised); attn_implementation:
       e.g. "abft_fast" (registered on demand), "eager", "sdpa"; device: where to put the model;
-      load_in_4bit: linear layers in NF4 (:func:`.quant.nf4_config`; a packaged GGUF is
-      de-quantised to float32 first, then re-quantised to NF4), placed by :func:`.quant.device_map`
-      unless ``device`` is given; kwargs go to ``from_pretrained``.
+      load_in_4bit: linear layers in NF4 through :func:`.quant.from_pretrained` (a packaged GGUF is
+      de-quantised to float32 first, then re-quantised to NF4), placed at load on ``device`` or
+      :func:`.quant.target_device`; kwargs go to ``from_pretrained``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if load_in_4bit:
         from . import quant
-        quant.check_bitsandbytes(device)
-        if "quantization_config" in kwargs:
-            raise ValueError("load(load_in_4bit=True) sets quantization_config itself; pass one "
-                             "or the other")
-        kwargs["quantization_config"] = quant.nf4_config(device=device)
-        dm = quant.device_map(device)
-        if dm is not None:
-            kwargs.setdefault("device_map", dm)
-        device = None  # placed at load: a 4-bit model is not moved afterwards
+        quant.check_bitsandbytes(device)  # before any conversion work
     if name_or_path in PACKAGED:
         path = convert(name_or_path, root=root)
         kwargs.setdefault("local_files_only", True)
     else:
         path = name_or_path
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation,
-                                                 **_dtype_kw(dtype), **kwargs)
+    kw = dict(attn_implementation=attn_implementation, **_dtype_kw(dtype), **kwargs)
+    if load_in_4bit:
+        model = quant.from_pretrained(path, device=device, **kw)
+        device = None  # placed at load: a 4-bit model is not moved afterwards
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kw)
     tok_kw = {"local_files_only": kwargs["local_files_only"]} if "local_files_only" in kwargs else {}
     tokenizer = AutoTokenizer.from_pretrained(path, **tok_kw)
-    if load_in_4bit:
-        quant.keep_differentiable(model)
     if device is not None:
         model.to(device)
     return model.eval(), tokenizer

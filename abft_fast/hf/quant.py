@@ -8,8 +8,8 @@ import os
 
 import torch
 
-__all__ = ["INSTALL", "check_bitsandbytes", "device_map", "is_4bit", "keep_differentiable",
-           "nf4_config", "target_device"]
+__all__ = ["INSTALL", "check_bitsandbytes", "device_map", "from_pretrained", "is_4bit",
+           "keep_differentiable", "nf4_config", "target_device"]
 
 INSTALL = "pip install 'abft-fast[qlora]'  (or: pip install bitsandbytes)"
 
@@ -62,6 +62,25 @@ def nf4_config(compute_dtype: torch.dtype | None = None,
         compute_dtype = torch.bfloat16 if gpu else torch.float32
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+
+
+def from_pretrained(path, *, device: str | torch.device | None = None,
+                    compute_dtype: torch.dtype | None = None, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` with the linear layers in NF4: the
+    one way this package loads a 4-bit model. bitsandbytes is checked (:func:`check_bitsandbytes`),
+    the config is :func:`nf4_config`, the model is placed on :func:`target_device` at load (never
+    moved afterwards) and kept on bitsandbytes' differentiable path (:func:`keep_differentiable`)."""
+    from transformers import AutoModelForCausalLM
+    check_bitsandbytes(device)
+    if "quantization_config" in kwargs:
+        raise ValueError("a 4-bit load sets quantization_config itself; pass one or the other")
+    kwargs["quantization_config"] = nf4_config(compute_dtype, device)
+    dm = device_map(device)
+    if dm is not None:
+        kwargs.setdefault("device_map", dm)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    keep_differentiable(model)
+    return model
 
 
 def is_4bit(model) -> bool:

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from cases import expected_probes
 from tokenizers_offline import save_tiny_llama
 from transformers import AutoModelForCausalLM
 
@@ -72,16 +73,6 @@ def batch(model_dir, task, n=4):
     return data.collate(enc, tok.pad_token_id)
 
 
-def gather(attentions, rows, cols):
-    """[layers, B, H, R, C] from eager attentions [layers][B, H, L, L]; -1 slots give 0."""
-    a = torch.stack(attentions)
-    out = []
-    for b in range(rows.shape[0]):
-        p = a[:, b][:, :, rows[b].clamp(min=0)] * (rows[b] >= 0)[None, None, :, None]
-        out.append(p[..., cols[b].clamp(min=0)] * (cols[b] >= 0))
-    return torch.stack(out, 1)
-
-
 def assert_rel_close(got, want, name, rel=1e-4):
     """Close in norm: |got - want| <= rel |want| (float32 sums in another order differ by ~1e-7
     of the largest entry, not of each one)."""
@@ -104,7 +95,7 @@ def test_probes_and_gradients_match_eager_on_the_same_4bit_model(model_dir, task
     with ah.probe(m, rows=b.rows, cols=b.cols) as rec:
         m(input_ids=b.input_ids, attention_mask=b.attention_mask)
     out = ref(input_ids=b.input_ids, attention_mask=b.attention_mask, output_attentions=True)
-    want = gather(out.attentions, b.rows, b.cols)
+    want = expected_probes(out.attentions, b.rows, b.cols)
     torch.testing.assert_close(rec.probs, want, rtol=1e-4, atol=1e-6)
     assert float(want.detach().abs().sum()) > 0
     w = torch.randn(want.shape, generator=torch.Generator().manual_seed(5))

@@ -11,6 +11,7 @@ import importlib.util
 
 import pytest
 import torch
+from cases import expected_probes
 from transformers import (
     AutoModelForCausalLM,
     Gemma3TextConfig,
@@ -132,19 +133,6 @@ def probe_positions(am, full_cols, seed=2):
         c.append(-1)
         cols.append(c)
     return torch.tensor(rows), None if full_cols else torch.tensor(cols)
-
-
-def expected_probes(attentions, rows, cols):
-    """Gather [layers, B, H, R, C] from eager attentions [layers][B, H, L, L]."""
-    a = torch.stack(attentions)
-    out = []
-    for b in range(rows.shape[0]):
-        p = a[:, b][:, :, rows[b].clamp(min=0)]  # [layers, H, R, L]
-        p = p * (rows[b] >= 0)[None, None, :, None]
-        if cols is not None:
-            p = p[..., cols[b].clamp(min=0)] * (cols[b] >= 0)
-        out.append(p)
-    return torch.stack(out, 1)
 
 
 @pytest.mark.parametrize("full_cols", [False, True], ids=["cols", "fullrows"])
