@@ -17,9 +17,9 @@ import sys
 import warnings
 
 from ._version import __version__
-from .ops import BACKENDS, attention, column_scores
+from .ops import BACKENDS, Padding, attention, column_scores
 
-__all__ = ["attention", "BACKENDS", "column_scores", "__version__"]
+__all__ = ["attention", "BACKENDS", "Padding", "column_scores", "__version__"]
 
 # Module paths of abft-fast 0.1 (one flat package), kept importable: ``import abft_fast.models``
 # gives ``abft_fast.hf.packaged`` with a DeprecationWarning.

@@ -153,13 +153,14 @@ def _tiles(device: torch.device, dtype: torch.dtype, d_pad: int) -> tuple[int, i
 
 
 def column_scores_fwd(q, k, rows=None, key_padding_mask=None, *, causal=True, window=None,
-                      scale=None, return_lse=False):
+                      scale=None, return_lse=False, row_mask=None):
     """Column scores [B, Hq, Lk] float32: sum over query rows of P[row, key].
 
     q [B,Hq,Lq,D], k [B,Hkv,Lk,D] (fp16 / bf16 / fp32); rows [B,R] int64 positions in [-1, Lq)
     (-1 = unused; values are not checked here) or None for every query row; key_padding_mask
     [B, Lk] bool / uint8 (True = real) or None. With return_lse also returns lse [B,Hq,R or Lq]
-    (natural log, -inf for unused slots and rows that see no key)."""
+    (natural log, -inf for unused slots and rows that see no key). row_mask [B, Hq, R or Lq]
+    bool or None: rows where it is False count 0 (lse -inf between the passes, as a row that sees no key)."""
     q, k, _, kpm = _prep(q, k, k, key_padding_mask)
     a = _launch(q, k, kpm, causal, window)
     scale = a.d ** -0.5 if scale is None else float(scale)
@@ -176,6 +177,8 @@ def column_scores_fwd(q, k, rows=None, key_padding_mask=None, *, causal=True, wi
     meta = dict(**a.flags, HAS_ROWS=has_rows, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=a.block_d,
                 PREC=a.prec, UPCAST=a.upcast, num_warps=warps, num_stages=stages)
     _row_lse_kernel[(triton.cdiv(nr, bm), a.b * a.hq)](q, k, rows_arg, lse, a.kpm, *args, **meta)
+    if row_mask is not None:
+        lse.masked_fill_(~row_mask, float("-inf"))  # as a row that sees no key
     _col_sum_kernel[(triton.cdiv(a.lk, bn), a.b * a.hq)](q, k, rows_arg, lse, out, a.kpm, *args,
                                                          **meta)
     return (out, lse) if return_lse else out

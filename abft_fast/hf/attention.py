@@ -86,10 +86,13 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
 
     query: [B, Hq, Lq, D]; key, value: [B, Hkv, Lk, D]; attention_mask: an :class:`AbftMask`
     (built by :func:`mask_builder`) or None (then causal iff ``module.is_causal``, no padding).
-    Returns (out [B, Lq, Hq, D], None): attention weights are never materialised.
+    Returns (out [B, Lq, Hq, D], None): attention weights are never materialised. Query rows at
+    padded positions give 0 (as in HF's flash-attention path) when the mask builder read the
+    padding; their output reaches no real token.
     """
     _refuse(module, query, key, dropout, softcap, head_mask, kwargs)
     lq, lk = query.shape[2], key.shape[2]
+    padding = None
     mod_window = sliding_window if sliding_window is not None else getattr(
         module, "sliding_window", None)
     kpm = None
@@ -114,6 +117,8 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
                 f"abft_fast: queries at positions [{m.q_offset}, {m.q_offset + lq}) and keys at "
                 f"[{m.kv_offset}, {m.kv_offset + lk}) cannot be aligned (the last query must see "
                 "the last key or keys must end after it)")
+        if end == lk and m.padding is not None:
+            padding = m.padding  # the runs read once per forward: the varlen kernel can run
         if end < lk:
             if not causal and kpm is not None and bool(kpm[:, end:].any()):
                 raise UnsupportedMaskError("abft_fast: bidirectional attention to keys after the "
@@ -136,6 +141,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
             "is exactly padding x causal (x window). Pass a 2-D attention_mask, or use "
             "attn_implementation='sdpa' / 'eager'.")
     scaling = _scaling(module, query, scaling)
+    kpm = kpm if padding is None else padding
     record_column_scores(module, query, key, causal=causal, scale=scaling, key_padding_mask=kpm,
                          window=window, backend=_backend)
 
@@ -144,8 +150,9 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     if rec is not None:
         rows, cols = rec._indices(query.device)
         rec._check_sizes(query.shape[0], lq, key.shape[2])
-    out, probs = _attention(query, key, value, causal=causal, scale=scaling, key_padding_mask=kpm,
-                            window=window, probe_rows=rows, probe_cols=cols, backend=_backend)
+    out, probs = _attention(query, key, value, causal=causal, scale=scaling,
+                            key_padding_mask=kpm, window=window, probe_rows=rows, probe_cols=cols,
+                            backend=_backend)
     if rec is not None:
         rec._record(module, probs)
     return out.transpose(1, 2).contiguous(), None

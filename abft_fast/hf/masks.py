@@ -15,6 +15,7 @@ import inspect
 
 import torch
 
+from ..ops import Padding
 from ..ops.masks import visible
 
 try:
@@ -37,6 +38,9 @@ class AbftMask:
     ``causal``, ``kpos <= qpos`` and (with ``window``) ``kpos > qpos - window``.
 
     key_padding_mask: [B, kv_length] bool, True = real token, or None (no padding).
+    padding: the same mask as an :class:`abft_fast.Padding` (read on the host once, when the mask
+    was built; ``zero_padded_queries=True``: padded query rows give 0, as HF's flash-attention
+    path does), or None (no padding, or under torch.compile).
     """
     key_padding_mask: torch.Tensor | None
     causal: bool
@@ -46,6 +50,7 @@ class AbftMask:
     kv_length: int
     q_offset: int
     kv_offset: int
+    padding: Padding | None = None
 
     # A prepared mask may travel back into a model's forward (generate() with a static cache builds
     # masks ahead of the forward); these let transformers' mask code pass it through untouched.
@@ -63,7 +68,8 @@ class AbftMask:
         if self.key_padding_mask is None:
             return self
         kpm = self.key_padding_mask.to(*args, **kwargs).to(torch.bool)
-        return dataclasses.replace(self, key_padding_mask=kpm)
+        pad = self.padding and dataclasses.replace(self.padding, mask=kpm, cache={})
+        return dataclasses.replace(self, key_padding_mask=kpm, padding=pad)
 
 
 class UnsupportedMaskError(ValueError):
@@ -170,10 +176,15 @@ def mask_builder(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offse
         if kpm.shape[1] < end:  # keys beyond the 2-D mask (e.g. a static cache's free slots)
             kpm = torch.nn.functional.pad(kpm, (0, end - kpm.shape[1]), value=False)
         kpm = kpm[:, kv_offset:end]
-        # An all-true mask is no mask (the unmasked engines are faster). The check reads a value
-        # (one host sync per forward, not per layer); under torch.compile the mask is kept.
-        if not torch.compiler.is_compiling() and bool(kpm.all()):
-            kpm = None
+        # An all-true mask is no mask (the unmasked engines are faster). Reading the runs of real
+        # tokens is the one host sync per forward (per mask kind, not per layer), which the
+        # varlen kernel needs; under torch.compile the mask is kept as a tensor.
+        if not torch.compiler.is_compiling():
+            padding = Padding.of(kpm, zero_padded_queries=True)
+            if all(n == kv_length for n in padding.counts):
+                kpm = padding = None
+            return AbftMask(kpm, causal, window, batch_size, q_length, kv_length, int(q_offset),
+                            int(kv_offset), padding)
     return AbftMask(kpm, causal, window, batch_size, q_length, kv_length, int(q_offset),
                     int(kv_offset))
 

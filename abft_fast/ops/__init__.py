@@ -3,8 +3,9 @@ float64 reference, the probe maths and one module per backend / engine. Knows no
 transformers or ABFT."""
 from .attention import BACKENDS, attention, attention_prechecked, choose_backend
 from .column_scores import column_scores
+from .padding import Padding
 from .reference import attention_reference
 from .spec import AttentionSpec, make_spec, probs_dtype
 
-__all__ = ["BACKENDS", "AttentionSpec", "attention", "attention_prechecked",
+__all__ = ["BACKENDS", "AttentionSpec", "Padding", "attention", "attention_prechecked",
            "attention_reference", "choose_backend", "column_scores", "make_spec", "probs_dtype"]

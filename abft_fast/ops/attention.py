@@ -1,12 +1,14 @@
 """Public entry point ``abft_fast.attention``: argument spec, engine choice, dispatch."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
 
-from . import available
+from . import available, varlen
 from .available import cuda_ext_available, triton_available  # re-exported
+from .padding import Padding
 from .spec import BACKENDS, AttentionSpec, check_backend, make_spec
 
 _broken: dict[str, str] = {}  # backend name -> why "auto" stopped using it (warned once)
@@ -22,12 +24,15 @@ def attention(q, k, v, *, causal=True, scale=None, key_padding_mask=None, window
         Lq == Lk; with Lq < Lk the queries are the last Lq positions (decode against a cache).
       causal: key j visible to query i iff j <= i + (Lk - Lq).
       scale: softmax scale, default D ** -0.5.
-      key_padding_mask: [B, Lk] bool (or 0/1 integer, as HF's 2-D attention_mask), True = real key.
+      key_padding_mask: [B, Lk] bool (or 0/1 integer, as HF's 2-D attention_mask), True = real key;
+        or an :class:`abft_fast.Padding` (the mask read once on the host, which the varlen kernel
+        needs; with ``zero_padded_queries=True`` query rows at padded positions give 0).
       window: sliding window (needs causal): key j visible to query i iff i' - window < j <= i',
         i' = i + (Lk - Lq).
       probe_rows: [B, R] int64 query positions in [-1, Lq); -1 marks an unused slot.
       probe_cols: [B, C] int64 key positions in [-1, Lk); -1 unused; None = full rows (C = Lk).
-      backend: "auto" (see :func:`choose_backend`), "sdpa", "triton", "cuda" or "torch".
+      backend: "auto" (see :func:`choose_backend`), "sdpa", "varlen", "triton", "cuda" or "torch"
+        (docs/design.md, "engines").
 
     Returns:
       out: [B, Hq, Lq, D] in q's dtype; a row with no visible key gives 0.
@@ -61,11 +66,48 @@ def run(q, k, v, spec: AttentionSpec, backend: str):
     """Dispatch a checked call to ``backend`` (or the one ``auto`` chooses)."""
     if backend == "auto":
         return _run_auto(q, k, v, spec)
+    if backend == "varlen" and spec.key_padding_mask is not None and spec.padding is None:
+        # asked for by name with a tensor mask: read it on the host here (one sync per call)
+        spec = dataclasses.replace(spec, padding=Padding.of(spec.key_padding_mask))
     _require_available(backend, q, spec)
-    return _backend_module(backend).attention(q, k, v, spec)
+    return _call(backend, q, k, v, spec)
+
+
+def _call(name, q, k, v, spec: AttentionSpec):
+    out, probs = _backend_module(name).attention(q, k, v, spec)
+    return _zero_padded_queries(out, probs, spec, out_done=name == "varlen")
+
+
+def _zero_padded_queries(out, probs, spec: AttentionSpec, out_done: bool):
+    """Rows of ``spec.query_mask`` that are False give out 0 and probes 0 (``varlen`` leaves
+    those rows out already: ``out_done``)."""
+    qm = spec.query_mask
+    if qm is None:
+        return out, probs
+    if not out_done:
+        out = out.masked_fill(~qm[:, None, :, None], 0.0)
+    if probs is not None:
+        rows = spec.probe_rows
+        real = torch.gather(qm, 1, rows.clamp(min=0)) & (rows >= 0)  # [B, R]
+        probs = probs.masked_fill(~real[:, None, :, None], 0.0)
+    return out, probs
+
+
+class _VarlenBackend:
+    """Preset "varlen": the output from PyTorch's varlen flash kernel (``ops/varlen.py``), the
+    probes from the probe kernels (``sdpa_backend.probe_probs``: Triton, CUDA C++ or torch)."""
+
+    @staticmethod
+    def attention(q, k, v, spec: AttentionSpec):
+        from . import sdpa_backend
+        out = varlen.output(q, k, v, spec)
+        probs = sdpa_backend.probe_probs(q, k, spec) if spec.has_probes else None
+        return out, probs
 
 
 def _backend_module(name):
+    if name == "varlen":
+        return _VarlenBackend
     if name == "torch":
         from . import torch_backend as m
     elif name == "sdpa":
@@ -88,6 +130,11 @@ def _available(name: str, device: torch.device) -> tuple[bool, str]:
 
 
 def _require_available(backend, q, spec: AttentionSpec):
+    if backend == "varlen":
+        why = varlen.why_unsupported(q, spec)
+        if why:
+            raise RuntimeError(f"backend='varlen' cannot run this call: {why}")
+        return
     if backend == "sdpa":
         from .sdpa_backend import check_supported
         check_supported(spec)
@@ -107,16 +154,22 @@ def choose_backend(device: torch.device, dtype: torch.dtype, spec: AttentionSpec
     - CPU, or float64: torch.
     - CUDA, unmasked (no padding, no window; causal Lq < Lk allowed): sdpa, i.e. PyTorch's best
       SDPA kernel for the output plus the Triton probe kernels, then torch.
-    - CUDA with padding or a window: the fused Triton kernel, then torch (which never builds
-      L x L). backend="cuda" (SDPA through the torch backend + CUDA C++ probe kernels) is not in
-      the list: it has not been timed against torch on a GPU (the fused CUDA kernels it ran
-      before took 51 ms where the torch backend took 4.2 ms, H100, bf16 causal L 4096).
+    - CUDA with padding or a window: varlen (PyTorch's varlen flash kernel for the output, the
+      probe kernels for the probes) where it computes the call exactly (``varlen.supports``:
+      fp16 / bf16, head dim a multiple of 8 up to 256, the padding given as a
+      :class:`Padding` whose real tokens form one run per row, no causal right padding unless
+      padded query rows are zeroed), then the fused Triton kernel, then torch (which never
+      builds L x L). Not yet measured on a GPU: the order is the issue's rule, to be replaced
+      by measured ratios (docs/design.md).
+    - backend="cuda" (SDPA through the torch backend + CUDA C++ probe kernels) is not in the
+      list: it has not been timed against torch on a GPU (the fused CUDA kernels it ran before
+      took 51 ms where the torch backend took 4.2 ms, H100, bf16 causal L 4096).
     """
     if device.type != "cuda" or dtype == torch.float64:
         return ["torch"]
     if spec.key_padding_mask is None and spec.window is None:
         return ["sdpa", "torch"]
-    return ["triton", "torch"]
+    return ["varlen", "triton", "torch"]
 
 
 def _run_auto(q, k, v, spec: AttentionSpec):
@@ -125,19 +178,25 @@ def _run_auto(q, k, v, spec: AttentionSpec):
             break
         if name in _broken:
             continue
-        ok, why = _available(name, q.device)
-        if not ok:
-            _mark_broken(name, why)
-            continue
+        if name == "varlen":
+            if varlen.find_kernel() is None:
+                _mark_broken(name, varlen.why_unsupported(q, spec))
+            if not varlen.supports(q, spec):
+                continue  # not this call's kernel (dtype, head dim, mask shape): no warning
+        else:
+            ok, why = _available(name, q.device)
+            if not ok:
+                _mark_broken(name, why)
+                continue
         try:
-            return _backend_module(name).attention(q, k, v, spec)
+            return _call(name, q, k, v, spec)
         except (ValueError, TypeError, torch.OutOfMemoryError):
             raise
         except Exception as e:  # compile / build failure: fall back once, loudly
             if _is_device_error(e):  # a CUDA error or device assert: the engine is not broken
                 raise
             _mark_broken(name, f"{type(e).__name__}: {e}")
-    return _backend_module("torch").attention(q, k, v, spec)
+    return _call("torch", q, k, v, spec)
 
 
 def _is_device_error(e: Exception) -> bool:
@@ -155,5 +214,5 @@ def _mark_broken(name, why):
                   stacklevel=4)
 
 
-__all__ = ["BACKENDS", "attention", "attention_prechecked", "choose_backend", "run",
+__all__ = ["BACKENDS", "Padding", "attention", "attention_prechecked", "choose_backend", "run",
            "triton_available", "cuda_ext_available"]

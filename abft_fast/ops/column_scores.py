@@ -32,6 +32,7 @@ from .spec import (
     check_qkv,
     check_scale,
     check_window,
+    padding_parts,
     probs_dtype,
 )
 
@@ -100,7 +101,17 @@ def make_column_spec(q, k, *, rows, causal, scale, key_padding_mask, window,
         check_index_tensor("rows", rows, batch=b, device=q.device)
         if check_values:
             check_index_values("rows", rows, lq)
-    return AttentionSpec(b, hq, hkv, lq, lk, d, causal, scale, window, kpm, rows, None)
+    return AttentionSpec(b, hq, hkv, lq, lk, d, causal, scale, window, kpm, rows, None,
+                         *padding_parts(key_padding_mask, lq))
+
+
+def _real_rows(spec: AttentionSpec):
+    """[B, R] (or [B, Lq] for every row) bool: rows that count; None when all do. Rows of a
+    zero_padded_queries Padding at padded positions see no key, so they count 0."""
+    qm = spec.query_mask
+    if qm is None or spec.probe_rows is None:
+        return qm
+    return torch.gather(qm, 1, spec.probe_rows.clamp(min=0))
 
 
 # ------------------------------------------------------------------------------------- triton
@@ -114,8 +125,10 @@ def _triton(q, k, spec: AttentionSpec):
         raise TypeError("backend='triton' supports float16, bfloat16 and float32 inputs; got "
                         "float64 (use backend='torch' for float64)")
     from ..kernels.column_scores import column_scores_fwd
+    real = _real_rows(spec)
+    row_mask = None if real is None else real[:, None, :].expand(-1, spec.q_heads, -1)
     return column_scores_fwd(q, k, spec.probe_rows, spec.key_padding_mask, causal=spec.causal,
-                             window=spec.window, scale=spec.scale)
+                             window=spec.window, scale=spec.scale, row_mask=row_mask)
 
 
 # -------------------------------------------------------------------------------------- torch
@@ -144,8 +157,11 @@ def _torch_rows(q, k, spec: AttentionSpec):
     vis = visible(rows.clamp(min=0), torch.arange(spec.k_len, device=q.device), lq=spec.q_len,
                   lk=spec.k_len, causal=spec.causal, window=spec.window,
                   key_padding_mask=spec.key_padding_mask)
-    vis = (vis & (rows >= 0).unsqueeze(-1)).unsqueeze(1)  # [B, 1, R, Lk]
-    return _probs(s, vis).sum(2)
+    vis = vis & (rows >= 0).unsqueeze(-1)
+    real = _real_rows(spec)
+    if real is not None:
+        vis = vis & real.unsqueeze(-1)
+    return _probs(s, vis.unsqueeze(1)).sum(2)  # vis [B, 1, R, Lk]
 
 
 def _band(spec: AttentionSpec, q0: int, q1: int) -> tuple[int, int]:
@@ -175,6 +191,9 @@ def _torch_all_rows(q, k, spec: AttentionSpec):
         rows = torch.arange(q0, q1, device=q.device).unsqueeze(0).expand(b, -1)
         vis = visible(rows, torch.arange(lo, hi, device=q.device), lq=spec.q_len, lk=spec.k_len,
                       causal=spec.causal, window=spec.window,
-                      key_padding_mask=spec.key_padding_mask).unsqueeze(1)  # [B, 1, n, band]
+                      key_padding_mask=spec.key_padding_mask)  # [B, n, band]
+        if spec.query_mask is not None:
+            vis = vis & spec.query_mask[:, q0:q1, None]
+        vis = vis.unsqueeze(1)
         out[:, :, lo:hi] += _probs(s * spec.scale, vis).sum(2)
     return out

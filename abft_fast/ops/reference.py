@@ -21,7 +21,7 @@ def visibility(b, lq, lk, causal, window, key_padding_mask, device):
         vis = vis & (j <= i)
         if window is not None:
             vis = vis & (j > i - window)
-    vis = vis[None].expand(b, lq, lk)
+    vis = vis[None].expand(b, lq, lk).clone()
     if key_padding_mask is not None:
         vis = vis & (key_padding_mask[:, None, :] != 0)
     return vis
@@ -37,10 +37,11 @@ def _pick(x, idx, dim):
 
 
 def attention_reference(q, k, v, *, causal=True, scale=None, key_padding_mask=None, window=None,
-                        probe_rows=None, probe_cols=None):
+                        probe_rows=None, probe_cols=None, zero_padded_queries=False):
     """q [B,Hq,Lq,D], k/v [B,Hkv,Lk,D] -> (out [B,Hq,Lq,D], lse [B,Hq,Lq], probs or None).
 
-    probs: [B,Hq,R,C] (or [B,Hq,R,Lk] when probe_cols is None).
+    probs: [B,Hq,R,C] (or [B,Hq,R,Lk] when probe_cols is None). zero_padded_queries: query i
+    whose position i + (Lk - Lq) is padding (or before key 0) has no visible key at all.
     """
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -49,7 +50,15 @@ def attention_reference(q, k, v, *, causal=True, scale=None, key_padding_mask=No
     kk = k.repeat_interleave(g, dim=1)
     vv = v.repeat_interleave(g, dim=1)
     s = scale * torch.matmul(q, kk.transpose(-1, -2))  # [B,Hq,Lq,Lk]
-    vis = visibility(b, lq, lk, causal, window, key_padding_mask, q.device).unsqueeze(1)
+    vis = visibility(b, lq, lk, causal, window, key_padding_mask, q.device)
+    if zero_padded_queries and key_padding_mask is not None:
+        for i in range(lq):
+            pos = i + lk - lq
+            if pos < 0:
+                vis[:, i] = False
+            else:
+                vis[:, i] &= (key_padding_mask[:, pos] != 0)[:, None]
+    vis = vis.unsqueeze(1)
     has = vis.any(-1, keepdim=True)  # [B,1,Lq,1]
     # rows with no visible key keep finite scores (so gradients stay finite) and are zeroed below
     s = torch.where(vis, s, torch.where(has, float("-inf"), 0.0).to(s.dtype))

@@ -17,7 +17,9 @@ import numbers
 
 import torch
 
-BACKENDS = ("auto", "sdpa", "triton", "cuda", "torch")
+from .padding import Padding
+
+BACKENDS = ("auto", "sdpa", "varlen", "triton", "cuda", "torch")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -26,7 +28,9 @@ class AttentionSpec:
     """What one call of the op computes (see ``abft_fast.attention`` for the semantics).
 
     key_padding_mask: [B, Lk] bool (True = real key) or None; probe_rows: [B, R] int64 or None;
-    probe_cols: [B, C] int64 or None (full rows when probe_rows is given).
+    probe_cols: [B, C] int64 or None (full rows when probe_rows is given). padding: the
+    :class:`Padding` the caller gave (its host-side runs), else None. query_mask: [B, Lq] bool or
+    None; a False row gives out 0 and probes 0 (``Padding(zero_padded_queries=True)``).
     """
     batch: int
     q_heads: int
@@ -40,6 +44,8 @@ class AttentionSpec:
     key_padding_mask: torch.Tensor | None
     probe_rows: torch.Tensor | None
     probe_cols: torch.Tensor | None
+    padding: Padding | None = None
+    query_mask: torch.Tensor | None = None
 
     @property
     def group(self) -> int:
@@ -155,11 +161,14 @@ def value_check(ok: torch.Tensor, message: str) -> None:
 
 
 def check_key_padding_mask(kpm, batch: int, k_len: int, device, check_values=True):
-    """-> the mask as [B, Lk] bool, or None."""
+    """-> the mask as [B, Lk] bool, or None. A :class:`Padding` gives its mask."""
     if kpm is None:
         return None
+    if isinstance(kpm, Padding):
+        kpm = kpm.mask
     if not isinstance(kpm, torch.Tensor):
-        raise TypeError(f"key_padding_mask must be a torch.Tensor, got {type(kpm).__name__}")
+        raise TypeError("key_padding_mask must be a torch.Tensor or an abft_fast.Padding, got "
+                        f"{type(kpm).__name__}")
     if tuple(kpm.shape) != (batch, k_len):
         raise ValueError(f"key_padding_mask must have shape [B, Lk] = [{batch}, {k_len}], got "
                          f"{tuple(kpm.shape)}")
@@ -236,4 +245,13 @@ def make_spec(q, k, v, *, causal, scale, key_padding_mask, window, probe_rows, p
         if check_values:
             check_index_values(name, t, hi)
     return AttentionSpec(b, hq, hkv, lq, lk, d, causal, scale, window, kpm, probe_rows,
-                         probe_cols)
+                         probe_cols, *padding_parts(key_padding_mask, lq))
+
+
+def padding_parts(key_padding_mask, q_len: int):
+    """(the Padding given or None, the [B, Lq] query mask of a zero_padded_queries Padding or
+    None), for the spec."""
+    if not isinstance(key_padding_mask, Padding):
+        return None, None
+    qm = key_padding_mask.query_mask(q_len) if key_padding_mask.zero_padded_queries else None
+    return key_padding_mask, qm

@@ -394,3 +394,33 @@ def test_probed_forward_does_not_sync_per_layer(backend):
     syncs = [x for x in w if "synchroniz" in str(x.message)]
     assert len(rec.layers) == 8
     assert len(syncs) < 8, [str(x.message) for x in syncs]
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("family", ["llama-gqa", "gemma3", "qwen2"])
+def test_varlen_preset_matches_eager(family, padding):
+    """set_backend("varlen"): every layer's output from the varlen layout (the naive kernel
+    standing in for PyTorch's flash varlen on a CPU, in float32), probes from the probe kernels;
+    logits at real positions, probes and gradients equal eager. The mask builder's Padding
+    (read once per forward, padded query rows zeroed) is what makes right padding exact."""
+    from abft_fast.ops import varlen
+    varlen.use_naive_kernel()
+    ah.set_backend("varlen")
+    try:
+        ref, m = models(family)
+        ids, am = batch(padding)
+        real = am.bool()
+        rows, cols = probe_positions(am, False)
+        w = torch.randn(B, L, V) * real[..., None]
+        with ah.probe(m, rows=rows, cols=cols) as rec:
+            la = m(input_ids=ids, attention_mask=am).logits
+        out = ref(input_ids=ids, attention_mask=am, output_attentions=True)
+        torch.testing.assert_close(la[real], out.logits[real], rtol=1e-4, atol=1e-5)
+        want = expected_probes(out.attentions, rows, cols)
+        torch.testing.assert_close(rec.probs, want, rtol=1e-4, atol=1e-6)
+        wp = torch.randn(want.shape)
+        ((out.logits * w).sum() + (want * wp).sum()).backward()
+        ((la * w).sum() + (rec.probs * wp).sum()).backward()
+        assert_grads_close(grads(ref), grads(m))
+    finally:
+        varlen.reset_kernel()

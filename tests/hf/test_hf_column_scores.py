@@ -47,14 +47,14 @@ def batch(padding, seed=1, length=L):
 
 
 def expected(ref, ids, am, rows):
-    """[layers, B, H, L] from eager attentions: rows summed (duplicates twice, -1 skipped); with
-    rows None every row that sees a real key (eager gives pad rows with no real key a uniform
-    row, abft_fast gives them 0)."""
+    """[layers, B, H, L] from eager attentions: rows summed (duplicates twice, -1 skipped), padded
+    query rows counting 0 (abft_fast gives them no attention, as HF's flash-attention path; eager
+    gives left-padded rows a uniform row and right-padded rows real attention)."""
     with torch.no_grad():
         att = torch.stack(ref(input_ids=ids, attention_mask=am, output_attentions=True).attentions)
     n, lq = att.shape[3], am.shape[1]
     assert n == lq
-    sees = (am.cumsum(1) > 0).to(att.dtype)  # row i sees a real key j <= i
+    sees = am.to(att.dtype)  # the real query rows
     if rows is None:
         return (att * sees[None, :, None, :, None]).sum(3)
     w = torch.zeros(B, lq, dtype=att.dtype)  # how often each row is listed

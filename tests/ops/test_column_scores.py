@@ -251,3 +251,27 @@ def test_gradient_error():
         out = abft_fast.column_scores(q, k)
     assert not out.requires_grad
     assert not abft_fast.column_scores(q.detach(), k.detach()).requires_grad
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("rows_kind", ["rows", "all"])
+def test_zero_padded_queries_count_nothing(backend, rows_kind):
+    """A Padding(zero_padded_queries=True): padded query rows see no key, so they add 0 (the
+    float64 reference with the same rule, summed over the rows)."""
+    g = fresh_generator()
+    b, hq, hkv, lq, lk, d = 2, 4, 2, 9, 23, 16
+    q = torch.randn(b, hq, lq, d, generator=g, dtype=torch.float64)
+    k = torch.randn(b, hkv, lk, d, generator=g, dtype=torch.float64)
+    kpm = torch.ones(b, lk, dtype=torch.bool)
+    kpm[0, 18:] = False  # right padding: query rows 4.. of batch 0 are padded
+    rows = torch.tensor([[8, 2, 7, -1], [0, 3, 8, 8]]) if rows_kind == "rows" else None
+    pad = abft_fast.Padding.of(kpm, zero_padded_queries=True)
+    _, _, p = attention_reference(q, k, k, key_padding_mask=kpm, zero_padded_queries=True,
+                                  probe_rows=rows if rows is not None
+                                  else torch.arange(lq).expand(b, -1))
+    want = p.sum(2)
+    dt = torch.float64 if backend == "torch" else torch.float32
+    got = abft_fast.column_scores(q.to(dt), k.to(dt), rows=rows, key_padding_mask=pad,
+                                  backend=backend)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert float(want[0].sum()) < float(want[1].sum())  # batch 0 lost its padded rows
