@@ -19,11 +19,12 @@ import torch
 SIZE_SETS = ("smoke", "quick", "gpu")
 MODES = ("fwd", "bwd", "both")
 MODE_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "both": 3.5}
-ABFT_METHODS = ("abft_auto", "abft_sdpa", "abft_triton", "abft_cuda", "abft_torch")
+ABFT_METHODS = ("abft_auto", "abft_sdpa", "abft_varlen", "abft_triton", "abft_cuda", "abft_torch")
 MASKS = ("none", "pad-left", "pad-right", "window")  # every attention row names its mask
 SDPA_METHODS = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math")
 OP_METHODS = ABFT_METHODS + SDPA_METHODS + ("flex", "eager")
-E2E_METHODS = ("abft_triton", "abft_cuda", "abft_torch", "eager", "sdpa_recompute")
+E2E_METHODS = ("abft_auto", "abft_varlen", "abft_triton", "abft_cuda", "abft_torch", "eager",
+               "sdpa_recompute")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -123,7 +124,8 @@ def op_cases(sizes: str) -> list:
     methods, modes = _keep(OP_METHODS, "ABFT_BENCH_METHODS"), _keep(MODES, "ABFT_BENCH_MODES")
     cases = [(m, mode, p, s) for s in main for mode in modes for m in methods for p in (False, True)
              if not (m.startswith("sdpa_") and p)  # SDPA + probe recompute = abft_torch
-             and not (m == "abft_sdpa" and s.mask != "none")]  # the sdpa engine takes no mask
+             and not (m == "abft_sdpa" and s.mask != "none")  # the sdpa engine takes no mask
+             and not (m == "abft_varlen" and s.mask == "none")]  # varlen: for masked batches
     # probe sweep: fused backends with probes, forward + backward
     cases += [(m, "both", True, s) for s in sweep for m in methods if m in ABFT_METHODS
               and "both" in modes]
@@ -158,21 +160,25 @@ class E2EShape:
     B: int
     L: int
     k: int = 4  # demonstrations: probe columns = their label positions; probe row = last token
+    padded: bool = False  # right-padded prompts, real lengths 50-100% of L (ABFT's batches)
 
     @property
     def id(self):
-        return f"{self.model}-{self.dtype}-B{self.B}-L{self.L}"
+        return f"{self.model}-{self.dtype}-B{self.B}-L{self.L}" + ("-padded" if self.padded else "")
 
 
 def e2e_cases(sizes: str) -> list:
     """[(method, E2EShape)] of a size set, in run order (model, then L ascending)."""
     if sizes == "smoke":
         shapes = [E2EShape("tiny", "fp32", 1, 32)]
+        shapes.append(E2EShape("tiny", "fp32", 3, 32, padded=True))
     elif sizes == "quick":
         shapes = [E2EShape("llama-1b", "bf16", 1, L) for L in (512, 4096)]
+        shapes.append(E2EShape("llama-1b", "bf16", 8, 1024, padded=True))
     else:
         shapes = [E2EShape(m, "bf16", 1, 512 * 2 ** i) for m in ("llama-1b", "llama-8b")
                   for i in range(9)]  # 512 .. 128k
+        shapes += [E2EShape("llama-1b", "bf16", 8, L, padded=True) for L in (1024, 4096)]
     models, lens = _env_list("ABFT_BENCH_MODELS"), _env_list("ABFT_BENCH_L")
     shapes = [s for s in shapes if (models is None or s.model in models)
               and (lens is None or str(s.L) in lens)]

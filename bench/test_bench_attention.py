@@ -15,10 +15,13 @@ Methods (``method`` column):
 Modes: fwd (training forward, inputs require grad), bwd (backward only; the forward runs in the
 untimed setup), both. Causal throughout. Masks (``mask`` column, never compare rows of different
 masks): none; pad-left / pad-right (each sequence's real length drawn from 50-100% of L; abft_*
-get the [B, L] key padding mask, the SDPA backends and eager a dense [B, 1, L, L] bool mask,
-FlexAttention a block mask); window (sliding window, flags for abft_*, a dense mask for SDPA).
-Query rows that see no key (left padding) get a zero output gradient, so that every method's
-gradients mean the same. Recorded per case: median wall ms (host work and one synchronisation per
+get the [B, L] key padding mask as HF's integration gives it, ``Padding(zero_padded_queries=
+True)``, the SDPA backends and eager a dense [B, 1, L, L] bool mask, FlexAttention a block mask);
+window (sliding window, flags for abft_*, a dense mask for SDPA). abft_varlen = PyTorch's varlen
+flash kernel for the output + the probe kernels (masked shapes only). Padded query rows (whose
+output no real token reads) and rows that see no key get a zero output gradient and are left out
+of the reference check, so that every method's results mean the same. Recorded per case: median
+wall ms (host work and one synchronisation per
 call included), TFLOP/s (FLOPs of benchlib.attention_flops, from the wall ms) and, on CUDA,
 peak_mem_mb = peak allocated during the timed rounds above what was allocated before them (the
 inputs), so for bwd it includes the setup's forward; event_ms (GPU time by CUDA events around
@@ -47,6 +50,9 @@ def _method_unavailable(method, dev):
             backend = method[5:]
             if backend == "cuda" and dev.type != "cuda":
                 why = "abft_fast backend 'cuda' needs a CUDA GPU"
+            elif backend == "varlen":  # a 16-bit windowed call: the case it exists for
+                x = torch.randn(1, 1, 16, 16, device=dev, dtype=torch.bfloat16)
+                abft_fast.attention(x, x, x, window=4, backend=backend)
             else:
                 x = torch.randn(1, 1, 16, 16, device=dev)
                 abft_fast.attention(x, x, x, backend=backend)
@@ -151,8 +157,15 @@ class OpCase:
         self.v = rnd(s.B, s.Hkv, s.L, s.D).requires_grad_(grad)
         self.scale = s.D ** -0.5
         self.kpm = _padding(s, g, dev)
+        self.padding = None  # what abft_* get: the mask read once, as the HF integration does
+        if self.kpm is not None:
+            import abft_fast
+            self.padding = abft_fast.Padding.of(self.kpm, zero_padded_queries=True)
         self.window = s.window if s.mask == "window" else None
-        self.rows = (s.L - 1 - torch.arange(s.R)).repeat(s.B, 1).to(dev)  # the last R tokens
+        # the last R real tokens (ABFT probes the last one)
+        last = torch.full((s.B, 1), s.L - 1) if self.kpm is None else torch.tensor(
+            self.padding.ends).unsqueeze(1) - 1
+        self.rows = (last - torch.arange(s.R)).to(dev)
         self.cols = None
         if s.C is not None:
             self.cols = torch.stack([torch.randperm(s.L - s.R, generator=g)[:s.C].sort().values
@@ -165,7 +178,8 @@ class OpCase:
             vis = visible(r, torch.arange(s.L, device=dev), lq=s.L, lk=s.L, causal=True,
                           window=self.window, key_padding_mask=self.kpm)
             has = vis.any(-1, keepdim=True)
-            self.dout = self.dout * has.unsqueeze(1).to(self.dout.dtype)  # rows without keys: 0
+            live = has if self.kpm is None else has & self.kpm.unsqueeze(-1)  # real query rows
+            self.dout = self.dout * live.unsqueeze(1).to(self.dout.dtype)  # the others: 0
             self.dense = (vis | ~has).unsqueeze(1)  # such rows see all keys (no NaN), weight 0
         self.dprobs = torch.randn(s.B, s.Hq, s.R, s.L if s.C is None else s.C,
                                   generator=g).to(dev)
@@ -181,7 +195,7 @@ class OpCase:
         if m.startswith("abft_"):
             import abft_fast
             out, probs = abft_fast.attention(q, k, v, causal=True, probe_rows=rows,
-                                             probe_cols=cols, key_padding_mask=self.kpm,
+                                             probe_cols=cols, key_padding_mask=self.padding,
                                              window=self.window, backend=m[5:])
         elif m.startswith("sdpa_"):
             from torch.nn.attention import sdpa_kernel
@@ -339,6 +353,8 @@ class OpCase:
                                           key_padding_mask=self.kpm, window=self.window)
         out, probs = self.last
         live = torch.isfinite(lse).unsqueeze(-1)  # rows that see a key (peers differ elsewhere)
+        if self.kpm is not None:  # and real query rows (abft_* zero the padded ones)
+            live = live & self.kpm[:, None, :, None]
         torch.testing.assert_close(out.double() * live, ro * live, atol=tol, rtol=tol)
         if self.probes:
             torch.testing.assert_close(probs.double(), rp, atol=tol, rtol=tol)

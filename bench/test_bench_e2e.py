@@ -3,13 +3,15 @@
 One step = forward up to the last probed layer's attention (the rest of the model is skipped),
 ABFT probe loss (abft_fast.abft.loss.abft_loss: probe row = last token, columns = k = 4 label
 positions, all heads counted), backward, Adam step on W_Q / W_K only. Methods:
-  abft_triton / abft_cuda / abft_torch  attn_implementation "abft_fast" (abft_fast.hf.probe) on
-      that backend.
+  abft_auto / abft_varlen / abft_triton / abft_cuda / abft_torch  attn_implementation
+      "abft_fast" (abft_fast.hf.probe) on that backend.
   eager  attn_implementation "eager" with output_attentions=True (the paper's way): the full
       L x L probabilities of every layer, probes gathered from them.
   sdpa_recompute  HF's SDPA attention for the output, plus the probe rows recomputed on the side
       from the layer's q / k (abft_fast.ops.torch_backend.probe_probs).
-Reports tokens/s (from the median wall time of a step) and peak memory (max_memory_allocated over
+Shapes "-padded": a right-padded batch of B prompts (real lengths 50-100% of L, random tokens), as
+ABFT trains on; tokens/s counts the padded B x L. Reports tokens/s (from the median wall time of a
+step) and peak memory (max_memory_allocated over
 the timed steps, weights included); on CUDA also event_ms (GPU time of whole steps, Adam
 included, by CUDA events) and graph_ms (forward + loss + backward captured in a CUDA graph and
 replayed; the Adam step stays outside the graph: torch's default Adam cannot be captured), or
@@ -30,6 +32,7 @@ SDPA_PROBE = "abft_bench_sdpa_probe"
 _state = {"key": None, "model": None}  # the model of the current (name, dtype), reused across L
 _first_oom: dict = {}                   # (model, method) -> first L that ran out of memory
 _capture: list = []                     # probe sink of the sdpa_recompute attention function
+_capture_mask: list = [None]            # the 2-D padding mask of the batch it runs
 
 
 class _Stop(Exception):
@@ -58,7 +61,8 @@ def _register_sdpa_probe():
                                      **kw)
         if _capture:
             rows, cols, sink = _capture[-1]
-            spec = make_spec(query, key, value, causal=True, scale=scaling, key_padding_mask=None,
+            kpm = None if _capture_mask[-1] is None else _capture_mask[-1].bool()
+            spec = make_spec(query, key, value, causal=True, scale=scaling, key_padding_mask=kpm,
                              window=None, probe_rows=rows, probe_cols=cols)
             sink.append(probe_probs(query, key, spec))
         return out
@@ -113,21 +117,22 @@ def _run_to_last_attention(model, ids, **kw):
 
 
 def probe_forward(method, model):
-    """fn(ids, rows, cols) -> probe probabilities [layers, B, Hq, R, C] for ``method``."""
+    """fn(ids, rows, cols, am=None) -> probe probabilities [layers, B, Hq, R, C] for ``method``
+    (am: the [B, L] padding mask of a padded batch)."""
     ah, _ = _hf()
     mods = _attention_modules(model)
     if method.startswith("abft_"):
         model.set_attn_implementation(ah.NAME)
         ah.set_backend(method[5:])
 
-        def fn(ids, rows, cols):
+        def fn(ids, rows, cols, am=None):
             with ah.probe(model, rows=rows, cols=cols) as rec, _hooks(mods):
-                _run_to_last_attention(model, ids)
+                _run_to_last_attention(model, ids, attention_mask=am)
             return rec.probs
     elif method == "eager":
         model.set_attn_implementation("eager")
 
-        def fn(ids, rows, cols):
+        def fn(ids, rows, cols, am=None):
             got = []
 
             def take(_m, _inp, out):
@@ -137,20 +142,22 @@ def probe_forward(method, model):
                 got.append(torch.gather(pr, 3, cols[:, None, None, :].expand(
                     b, h, rows.shape[1], cols.shape[1])).float())
             with _hooks(mods, take):
-                _run_to_last_attention(model, ids, output_attentions=True)
+                _run_to_last_attention(model, ids, output_attentions=True, attention_mask=am)
             return torch.stack(got)
     elif method == "sdpa_recompute":
         _register_sdpa_probe()
         model.set_attn_implementation(SDPA_PROBE)
 
-        def fn(ids, rows, cols):
+        def fn(ids, rows, cols, am=None):
             sink = []
             _capture.append((rows, cols, sink))
+            _capture_mask.append(am)
             try:
                 with _hooks(mods):
-                    _run_to_last_attention(model, ids)
+                    _run_to_last_attention(model, ids, attention_mask=am)
             finally:
                 _capture.pop()
+                _capture_mask.pop()
             return torch.stack(sink)
     else:
         raise ValueError(method)
@@ -158,17 +165,25 @@ def probe_forward(method, model):
 
 
 def make_batch(s: benchlib.E2EShape, vocab, dev):
-    """Random tokens; probe row = last token; columns = k label positions spread over the prompt,
-    alternately correct / wrong."""
+    """Random tokens; probe row = last real token; columns = k label positions spread over the
+    prompt, alternately correct / wrong. Padded shapes: right padding (as ABFT's collate), real
+    lengths uniform in [L/2, L], the longest L. Returns (ids, rows, cols, correct, valid,
+    lengths, am or None)."""
     g = torch.Generator().manual_seed(s.L)
-    ids = torch.randint(0, vocab, (s.B, s.L), generator=g).to(dev)
-    rows = torch.full((s.B, 1), s.L - 1, dtype=torch.long, device=dev)
-    cols = torch.tensor([(i + 1) * (s.L - 1) // (s.k + 1) for i in range(s.k)],
-                        dtype=torch.long).repeat(s.B, 1).to(dev)
-    correct = (torch.arange(s.k) % 2 == 0).repeat(s.B, 1).to(dev)
+    ids = torch.randint(0, vocab, (s.B, s.L), generator=g)
+    n = torch.full((s.B,), s.L, dtype=torch.long)
+    am = None
+    if s.padded:
+        n = torch.randint(s.L // 2, s.L + 1, (s.B,), generator=g)
+        n[0] = s.L
+        am = (torch.arange(s.L)[None, :] < n[:, None]).long()
+        ids = ids * am
+    rows = (n - 1).unsqueeze(1)
+    cols = torch.stack([(torch.arange(1, s.k + 1) * (m - 1)) // (s.k + 1) for m in n.tolist()])
+    correct = (torch.arange(s.k) % 2 == 0).repeat(s.B, 1)
     valid = torch.ones_like(correct)
-    lengths = torch.full((s.B,), s.L, dtype=torch.long, device=dev)
-    return ids, rows, cols, correct, valid, lengths
+    out = [t.to(dev) for t in (ids, rows, cols, correct, valid, n)]
+    return (*out, None if am is None else am.to(dev))
 
 
 def test_abft_step(e2e_case, benchmark, recorder):
@@ -177,6 +192,8 @@ def test_abft_step(e2e_case, benchmark, recorder):
     ah, abft_loss = _hf()
     if method == "abft_cuda" and dev.type != "cuda":
         pytest.skip("abft_fast backend 'cuda' needs a CUDA GPU")
+    if method == "abft_varlen" and (dev.type != "cuda" or s.dtype == "fp32"):
+        pytest.skip("abft_fast backend 'varlen' needs a CUDA GPU and 16-bit weights")
     first = _first_oom.get((s.model, method))
     if first is not None and s.L > first:
         pytest.skip(f"{method} ran out of memory at L={first} already")
@@ -189,7 +206,8 @@ def test_abft_step(e2e_case, benchmark, recorder):
         nl = model.config.num_hidden_layers
         row.update(layers=nl, params_m=sum(p.numel() for p in model.parameters()) / 1e6)
         fwd = probe_forward(method, model)
-        ids, rows, cols, correct, valid, lengths = make_batch(s, model.config.vocab_size, dev)
+        ids, rows, cols, correct, valid, lengths, am = make_batch(s, model.config.vocab_size,
+                                                                  dev)
         qk = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.Adam(qk, lr=2e-5)
         other = next(p for n, p in model.named_parameters() if n.endswith("v_proj.weight"))
@@ -198,7 +216,7 @@ def test_abft_step(e2e_case, benchmark, recorder):
 
         def fwd_bwd():
             opt.zero_grad(set_to_none=True)
-            probs = fwd(ids, rows, cols)
+            probs = fwd(ids, rows, cols, am)
             loss = abft_loss(probs, correct, valid, lengths, A=0.5, B=1.0,
                              use_filter=False).loss
             loss.backward()
@@ -265,15 +283,19 @@ def test_e2e_methods_agree(recorder):
         pytest.skip("agreement is checked at smoke sizes only")
     ah, _ = _hf()
     dev = benchlib.device()
-    s = benchlib.E2EShape("tiny", "fp32", 2, 32)
-    model = _model(s, dev)
-    ids, rows, cols, *_ = make_batch(s, model.config.vocab_size, dev)
-    ref = probe_forward("eager", model)(ids, rows, cols)
-    tol = 1e-2 if dev.type == "cuda" else 1e-5
-    for m in ("abft_torch", "abft_triton", "sdpa_recompute") + (
-            ("abft_cuda",) if dev.type == "cuda" else ()):
-        try:
-            got = probe_forward(m, model)(ids, rows, cols)
-        finally:
-            ah.set_backend("auto")
-        torch.testing.assert_close(got, ref, atol=tol, rtol=tol, msg=lambda x, m=m: f"{m}: {x}")
+    for padded in (False, True):
+        s = benchlib.E2EShape("tiny", "fp32", 3, 32, padded=padded)
+        model = _model(s, dev)
+        ids, rows, cols, *_, am = make_batch(s, model.config.vocab_size, dev)
+        ref = probe_forward("eager", model)(ids, rows, cols, am)
+        tol = 1e-2 if dev.type == "cuda" else 1e-5
+        for m in ("abft_torch", "abft_triton", "sdpa_recompute") + (
+                ("abft_cuda", "abft_varlen") if dev.type == "cuda" else ()):
+            if m == "abft_varlen" and not padded:
+                continue
+            try:
+                got = probe_forward(m, model)(ids, rows, cols, am)
+            finally:
+                ah.set_backend("auto")
+            torch.testing.assert_close(got, ref, atol=tol, rtol=tol,
+                                       msg=lambda x, m=m, p=padded: f"{m} padded={p}: {x}")

@@ -195,7 +195,7 @@ def test_e2e_oom_skips_longer_sequences(monkeypatch):
     import torch
 
     def probe_forward(method, model):
-        def fn(ids, rows, cols):
+        def fn(ids, rows, cols, am=None):
             raise torch.OutOfMemoryError("CUDA out of memory (made up)")
         return fn
     monkeypatch.setattr(TE, "probe_forward", probe_forward)

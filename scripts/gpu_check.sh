@@ -15,13 +15,15 @@
 #   1. versions and the GPU (DIR/env.txt);
 #   2. the CUDA C++ extension is built in the background (DIR/cuda_build.log, T_BUILD);
 #   3. the decisive numbers (T_DECISIVE): fwd+bwd at the quick shapes (L 4k and 16k, padded,
-#      windowed) of abft auto / sdpa / triton, with and without probes, beside every SDPA
-#      backend and FlexAttention without probes: bench/run.sh -k "$DECISIVE" into DIR/decisive;
+#      windowed) of abft auto / sdpa / varlen / triton, with and without probes, beside every
+#      SDPA backend and FlexAttention without probes, and the ABFT step on a padded batch
+#      (Llama-1B shape, B 8, L 1k): bench/run.sh -k "$DECISIVE" into DIR/decisive;
 #   3b. the same for abft_triton with ABFT_FAST_TMA=1 ABFT_FAST_AUTOTUNE=1 (T_VARIANT, into
 #      DIR/decisive-tma-tune; its rows carry flags "ABFT_FAST_TMA=1 ABFT_FAST_AUTOTUNE=1");
 #   4. Triton compiled on the GPU: tests/ops/test_triton_backend.py, test_sdpa_backend.py,
 #      test_triton_backward.py, test_autotune.py, test_host_sync.py, test_dispatch.py,
-#      test_fuzz.py, test_validation.py, tests/hf/test_hf.py (DIR/test_triton.log, T_TRITON);
+#      test_fuzz.py, test_validation.py, test_varlen.py (the vendor varlen kernel),
+#      tests/hf/test_hf.py (DIR/test_triton.log, T_TRITON);
 #   5. the CUDA C++ backend: pytest -m gpu tests/ops/test_cuda_backend.py (DIR/test_cuda.log,
 #      T_CUDA);
 #   6. bench/tune_tiles.py: Triton tile configurations at the quick shape (DIR/tiles.csv and
@@ -44,10 +46,10 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 export ABFT_FAST_CUDA_BUILD_DIR=${ABFT_FAST_CUDA_BUILD_DIR:-/tmp/abft_fast_cuda_ext} MAX_JOBS=${MAX_JOBS:-16}
 # defaults sum to about 9 minutes, under one device call's 10 (the build overlaps stage 3)
-T_BUILD=${T_BUILD:-180} T_DECISIVE=${T_DECISIVE:-150} T_VARIANT=${T_VARIANT:-60}
-T_TRITON=${T_TRITON:-150} T_CUDA=${T_CUDA:-60} T_TUNE=${T_TUNE:-60} T_BENCH=${T_BENCH:-60}
+T_BUILD=${T_BUILD:-180} T_DECISIVE=${T_DECISIVE:-180} T_VARIANT=${T_VARIANT:-60}
+T_TRITON=${T_TRITON:-120} T_CUDA=${T_CUDA:-60} T_TUNE=${T_TUNE:-60} T_BENCH=${T_BENCH:-60}
 T_QLORA=${T_QLORA:-270} WHEELS=${WHEELS:-build/wheels}
-DECISIVE=${DECISIVE:-"both and (abft_auto or abft_sdpa or abft_triton or sdpa_cudnn or sdpa_flash or sdpa_efficient or flex)"}
+DECISIVE=${DECISIVE:-"(both and (abft_auto or abft_sdpa or abft_varlen or abft_triton or sdpa_cudnn or sdpa_flash or sdpa_efficient or flex)) or (padded and (abft_auto or abft_varlen or abft_triton or sdpa_recompute))"}
 # shorter timing budgets than bench/run.sh's defaults, so that the quick grid fits one call
 export ABFT_BENCH_SECONDS=${ABFT_BENCH_SECONDS:-0.5} ABFT_BENCH_E2E_SECONDS=${ABFT_BENCH_E2E_SECONDS:-2}
 PAR=()
@@ -105,7 +107,7 @@ if want triton; then
     tests/ops/test_triton_backend.py tests/ops/test_sdpa_backend.py \
     tests/ops/test_triton_backward.py tests/ops/test_autotune.py tests/ops/test_host_sync.py \
     tests/ops/test_dispatch.py tests/ops/test_fuzz.py tests/ops/test_validation.py \
-    tests/hf/test_hf.py >"$OUT/test_triton.log" 2>&1
+    tests/ops/test_varlen.py tests/hf/test_hf.py >"$OUT/test_triton.log" 2>&1
   echo "pytest exit $?" >>"$OUT/test_triton.log"
 fi
 
