@@ -68,19 +68,27 @@ def _key_visible(offs_n, kp_ok, row_c, row_ok, OFF, CAUSAL: tl.constexpr, WINDOW
 
 
 @triton.jit
-def _key_range(row_c, row_ok, OFF, Lk, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-               BLOCK_N: tl.constexpr):
+def _real_keys(KRANGE, b, Lk, HAS_KPM: tl.constexpr):
+    """[first, last + 1) of batch row b's real keys (KRANGE [B, 2] int32; Lk, 0 when it has
+    none); [0, Lk) without padding."""
+    if HAS_KPM:
+        return tl.load(KRANGE + 2 * b), tl.load(KRANGE + 2 * b + 1)
+    return 0, Lk
+
+
+@triton.jit
+def _key_range(row_c, row_ok, OFF, Lk, KRANGE, b, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+               HAS_KPM: tl.constexpr, BLOCK_N: tl.constexpr):
     """[lo, hi) of the keys a probe tile scans: from the first key the earliest row's window
-    shows (rounded down to a key block) to the latest row's causal limit; lo >= hi when no row
-    of the tile is valid."""
-    lo = 0
-    hi = Lk
+    shows and the row's first real key (rounded down to a key block) to the latest row's causal
+    limit and the last real key; lo >= hi when no row of the tile is valid or no key real."""
+    lo, hi = _real_keys(KRANGE, b, Lk, HAS_KPM)
     if CAUSAL:
-        hi = tl.minimum(Lk, tl.max(tl.where(row_ok, row_c, 0)).to(tl.int32) + OFF + 1)
+        hi = tl.minimum(hi, tl.max(tl.where(row_ok, row_c, 0)).to(tl.int32) + OFF + 1)
         if WINDOW > 0:
             first = tl.min(tl.where(row_ok, row_c, Lk)).to(tl.int32) + OFF - WINDOW + 1
-            lo = tl.maximum(first, 0) // BLOCK_N * BLOCK_N
-    return lo, hi
+            lo = tl.maximum(lo, first)
+    return tl.maximum(lo, 0) // BLOCK_N * BLOCK_N, hi
 
 
 @triton.jit
@@ -116,7 +124,7 @@ def _probe_p(k, q, offs_n, kp_ok, row_c, row_ok, lse2, OFF, qk_scale, CAUSAL: tl
 
 
 @triton.jit
-def _probe_fwd_kernel(Q, K, ROWS, COLS, P, LSE, KPM,
+def _probe_fwd_kernel(Q, K, ROWS, COLS, P, LSE, KPM, KRANGE,
                       s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_kpm_b,
                       Hq, G, Lq, Lk, D, R, C, sm_scale,
                       CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -136,7 +144,7 @@ def _probe_fwd_kernel(Q, K, ROWS, COLS, P, LSE, KPM,
     qk_scale = sm_scale * 1.4426950408889634
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
-    lo, hi = _key_range(row_c, row_ok, OFF, Lk, CAUSAL, WINDOW, BLOCK_N)
+    lo, hi = _key_range(row_c, row_ok, OFF, Lk, KRANGE, b, CAUSAL, WINDOW, HAS_KPM, BLOCK_N)
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kp_ok = _key_ok(KPM, s_kpm_b, b, offs_n, Lk, HAS_KPM)
@@ -173,7 +181,7 @@ def _probe_fwd_kernel(Q, K, ROWS, COLS, P, LSE, KPM,
 
 
 @triton.jit
-def _probe_dk_kernel(Q, K, ROWS, LSE, U, E, DK, KPM,
+def _probe_dk_kernel(Q, K, ROWS, LSE, U, E, DK, KPM, KRANGE,
                      s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_kpm_b, s_dkb, s_dkh, s_dkl,
                      Hq, G, Lq, Lk, D, R, sm_scale,
                      CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -193,7 +201,9 @@ def _probe_dk_kernel(Q, K, ROWS, LSE, U, E, DK, KPM,
     k = _gather(K + b * s_kb + hk * s_kh, s_kl, offs_n, nmask, offs_d, D, EVEN_D)
     qk_scale = sm_scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for pid_r in range(0, tl.cdiv(G * R, BLOCK_R)):
+    first, last = _real_keys(KRANGE, b, Lk, HAS_KPM)
+    dead = (pid_n * BLOCK_N >= last) | ((pid_n + 1) * BLOCK_N <= first)  # only padding here
+    for pid_r in range(0, tl.where(dead, 0, tl.cdiv(G * R, BLOCK_R))):
         q, h, slot, row_c, row_ok = _probe_tile(Q, ROWS, s_qb, s_qh, s_ql, b, hk, G, R, Lq, D,
                                                 pid_r, BLOCK_R, BLOCK_D, EVEN_D)
         ridx, row_ok, lse2, u = _row_grad_stats(LSE, U, b, h, slot, Hq, R, row_ok)
@@ -211,7 +221,7 @@ def _probe_dk_kernel(Q, K, ROWS, LSE, U, E, DK, KPM,
 
 
 @triton.jit
-def _probe_dq_kernel(Q, K, ROWS, LSE, U, E, DQ, KPM,
+def _probe_dq_kernel(Q, K, ROWS, LSE, U, E, DQ, KPM, KRANGE,
                      s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_kpm_b,
                      Hq, G, Lq, Lk, D, R, sm_scale,
                      CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -230,7 +240,7 @@ def _probe_dq_kernel(Q, K, ROWS, LSE, U, E, DQ, KPM,
     k_base = K + b * s_kb + hk * s_kh
     qk_scale = sm_scale * 1.4426950408889634
     dqt = tl.zeros([BLOCK_D, BLOCK_R], tl.float32)  # dq^T: the head dim is the dots' M
-    lo, hi = _key_range(row_c, row_ok, OFF, Lk, CAUSAL, WINDOW, BLOCK_N)
+    lo, hi = _key_range(row_c, row_ok, OFF, Lk, KRANGE, b, CAUSAL, WINDOW, HAS_KPM, BLOCK_N)
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         nmask = offs_n < Lk
@@ -289,9 +299,24 @@ def _flags(kpm, causal, window):
 
 
 def _prep(q, k, kpm):
+    """(q, k with unit last strides, the mask as uint8 (or a dummy), its batch stride, the
+    [B, 2] int32 range of real keys per row (or a dummy)); no host synchronisation."""
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
-    kpm_arg = kpm.to(torch.uint8).contiguous() if kpm is not None else q
-    return q, k, kpm_arg, (kpm_arg.stride(0) if kpm is not None else 0)
+    if kpm is None:
+        return q, k, q, 0, q
+    kpm_arg = kpm.to(torch.uint8).contiguous()
+    return q, k, kpm_arg, kpm_arg.stride(0), key_range(kpm_arg)
+
+
+def key_range(kpm) -> torch.Tensor:
+    """[B, 2] int32: (first real key, last real key + 1) per row of a [B, Lk] 0/1 mask, (Lk, 0)
+    for a row without one: the keys the probe kernels scan at most."""
+    lk = kpm.shape[1]
+    j = torch.arange(1, lk + 1, device=kpm.device, dtype=torch.int32)
+    m = kpm.to(torch.int32)
+    last = (m * j).amax(1)                   # last real index + 1, 0 if none
+    first = lk - (m * j.flip(0)).amax(1)     # first real index, Lk if none
+    return torch.stack([first, last], 1).to(torch.int32).contiguous()
 
 
 def _dots(q):
@@ -321,7 +346,7 @@ def probe_rows_fwd(q, k, rows, cols=None, key_padding_mask=None, *, causal=True,
 
     q [B,Hq,Lq,D], k [B,Hkv,Lk,D]; rows [B,R] int64 (-1 unused); cols [B,C] int64 or None (all
     keys). Returns (P [B,Hq,R,C] float32, lse [B,Hq,R] float32, -inf for unused / empty rows)."""
-    q, k, kpm, s_kpm = _prep(q, k, key_padding_mask)
+    q, k, kpm, s_kpm, krange = _prep(q, k, key_padding_mask)
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     g, r = hq // hkv, rows.shape[1]
@@ -337,7 +362,7 @@ def probe_rows_fwd(q, k, rows, cols=None, key_padding_mask=None, *, causal=True,
     rows = rows.contiguous()
     br, bn, warps, stages = _tiles("fwd", g * r, q.device, q.dtype, d)
     _probe_fwd_kernel[(triton.cdiv(g * r, br), b * hkv)](
-        q, k, rows, rows if cols is None else cols.contiguous(), p, lse, kpm,
+        q, k, rows, rows if cols is None else cols.contiguous(), p, lse, kpm, krange,
         *q.stride()[:3], *k.stride()[:3], s_kpm, hq, g, lq, lk, d, r, c, scale,
         **_flags(key_padding_mask, causal, window), FULL_ROWS=cols is None, BLOCK_R=br,
         BLOCK_N=bn, **_dots(q), num_warps=warps, num_stages=stages)
@@ -354,7 +379,7 @@ def probe_rows_bwd(q, k, rows, lse, u, e, key_padding_mask=None, *, causal=True,
     any float dtype and any strides whose last is 1 and whose elements do not overlap, e.g. the
     output's dk, often a transposed view in HF models; see ``accepts_dk_out``) the probe part is
     added into it in place and dk_out is returned as dk."""
-    q, k, kpm, s_kpm = _prep(q, k, key_padding_mask)
+    q, k, kpm, s_kpm, krange = _prep(q, k, key_padding_mask)
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     g, r = hq // hkv, rows.shape[1]
@@ -376,20 +401,24 @@ def probe_rows_bwd(q, k, rows, lse, u, e, key_padding_mask=None, *, causal=True,
     sizes = (hq, g, lq, lk, d, r, scale)
     meta = dict(**_flags(key_padding_mask, causal, window), BLOCK_R=br, BLOCK_N=bn, **_dots(q),
                 num_warps=warps, num_stages=stages)
-    _probe_dk_kernel[(triton.cdiv(lk, bn), b * hkv)](q, k, rows, lse, u, e, dk, kpm, *common,
+    _probe_dk_kernel[(triton.cdiv(lk, bn), b * hkv)](q, k, rows, lse, u, e, dk, kpm, krange,
+                                                     *common,
                                                      *dk.stride()[:3], *sizes, **meta,
                                                      ACCUMULATE=dk_out is not None)
-    _launch_dq(q, k, rows, lse, u, e, dq, kpm, s_kpm, scale, key_padding_mask, causal, window)
+    _launch_dq(q, k, rows, lse, u, e, dq, kpm, s_kpm, krange, scale, key_padding_mask, causal,
+               window)
     return dq, dk
 
 
-def _launch_dq(q, k, rows, lse, u, e, dq, kpm, s_kpm, scale, key_padding_mask, causal, window):
+def _launch_dq(q, k, rows, lse, u, e, dq, kpm, s_kpm, krange, scale, key_padding_mask, causal,
+               window):
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     g, r = hq // hkv, rows.shape[1]
     br, bn, warps, stages = _tiles("dq", g * r, q.device, q.dtype, d)
     _probe_dq_kernel[(triton.cdiv(g * r, br), b * hkv)](
-        q, k, rows, lse, u, e, dq, kpm, *q.stride()[:3], *k.stride()[:3], s_kpm, hq, g, lq, lk,
+        q, k, rows, lse, u, e, dq, kpm, krange, *q.stride()[:3], *k.stride()[:3], s_kpm, hq, g,
+        lq, lk,
         d, r, scale, **_flags(key_padding_mask, causal, window), BLOCK_R=br, BLOCK_N=bn,
         **_dots(q), num_warps=warps, num_stages=stages)
 
@@ -398,13 +427,13 @@ def probe_rows_dq(q, k, rows, lse, u, e, key_padding_mask=None, *, causal=True, 
                   scale=None):
     """The probe rows' dq alone (as ``probe_rows_bwd``, without dk): [B,Hq,R,D] float32, 0 on
     unused slots and rows with no visible key. lse [B,Hq,R] is the probe rows' lse."""
-    q, k, kpm, s_kpm = _prep(q, k, key_padding_mask)
+    q, k, kpm, s_kpm, krange = _prep(q, k, key_padding_mask)
     b, hq, _, d = q.shape
     scale = d ** -0.5 if scale is None else float(scale)
     dq = torch.zeros(b, hq, rows.shape[1], d, dtype=torch.float32, device=q.device)
     if rows.shape[1]:
         _launch_dq(q, k, rows.contiguous(), lse.contiguous(), u.contiguous(), e.contiguous(), dq,
-                   kpm, s_kpm, scale, key_padding_mask, causal, window)
+                   kpm, s_kpm, krange, scale, key_padding_mask, causal, window)
     return dq
 
 

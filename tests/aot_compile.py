@@ -52,6 +52,8 @@ def signature(fn, dtype, consts):
             sig[n] = "*i64"
         elif n == "KPM":
             sig[n] = "*u8"
+        elif n == "KRANGE":
+            sig[n] = "*i32"
         elif n in ("Q", "K", "V", "O", "DO"):
             sig[n] = PTR[dtype]
         elif n == "sm_scale":

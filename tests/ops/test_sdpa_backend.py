@@ -20,6 +20,7 @@ from cases import (
 import abft_fast
 from abft_fast.kernels import probes
 from abft_fast.ops import probe_ops, sdpa_backend, torch_backend
+from abft_fast.ops.probes import probe_rows_op
 from abft_fast.ops.reference import attention_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -100,7 +101,7 @@ def test_probe_kernels_with_masks_match_reference(case):
     assert rel_err(lse[fin], lse_rows[fin]) <= 2e-6
     # backward through the op against autograd of the reference
     qg, kg = (t.clone().to(DEV).requires_grad_() for t in (q, k))
-    pr, _ = sdpa_backend.probe_rows_op(qg, kg, None if kpm is None else kpm.to(DEV), rows.to(DEV),
+    pr, _ = probe_rows_op(qg, kg, None if kpm is None else kpm.to(DEV), rows.to(DEV),
                                        None if cols is None else cols.to(DEV), case.causal,
                                        case.d ** -0.5, case.window or 0)
     dq, dk = torch.autograd.grad((pr.double() * inp["dp"].to(DEV)).sum(), (qg, kg))
@@ -348,7 +349,7 @@ def _probe_run(q, k, inp, case, dtype, path):
         probs = torch_backend.probe_probs(q, k, spec)
     else:
         dev = q.device
-        probs, _ = sdpa_backend.probe_rows_op(
+        probs, _ = probe_rows_op(
             q, k, None if kpm is None else kpm.to(dev), rows.to(dev),
             None if cols is None else cols.to(dev), case.causal, case.d ** -0.5,
             case.window or 0)
@@ -426,3 +427,37 @@ def test_probes_take_three_kernel_launches(case, monkeypatch):
     inp = on_device(make_inputs(case, fresh_generator()), DEV)
     run(attention_fn("sdpa"), case, inp, torch.float32)
     assert sorted(log) == sorted(["_probe_fwd_kernel", "_probe_dk_kernel", "_probe_dq_kernel"]), log
+
+
+@pytest.mark.parametrize("window", [None, 40], ids=["causal", "win40"])
+def test_probe_kernels_skip_key_blocks_of_padding_only(window):
+    """Key blocks holding only padding (left and right) are not read: NaN keys there leave the
+    probes and their gradients finite and equal to those of zeroed padded keys (a kernel that
+    scanned them would put NaN into dq through k^T @ dS). Rows of padding longer than the
+    largest key block any tile uses (64)."""
+    g = fresh_generator()
+    lk, pad_l, pad_r = 200, 130, 65
+    q = torch.randn(2, 4, lk, 64, generator=g, device="cpu").to(DEV)
+    k = torch.randn(2, 2, lk, 64, generator=g, device="cpu").to(DEV)
+    kpm = torch.ones(2, lk, dtype=torch.bool, device=DEV)
+    kpm[0, :pad_l] = False
+    kpm[1, lk - pad_r:] = False
+    rows = torch.tensor([[lk - 1, 150, -1], [lk - pad_r - 1, 70, 3]], device=DEV)
+    cols = torch.tensor([[135, 180, 199, 0], [10, 120, 134, 199]], device=DEV)
+    dead = torch.zeros_like(kpm)
+    dead[0, :128] = True  # key blocks of padding only, for blocks of 16, 32 and 64 keys
+    dead[1, 192:] = True
+    results = []
+    for poison in (False, True):
+        kk = k.clone()
+        kk.masked_fill_(~kpm[:, None, :, None], 0.0)
+        if poison:
+            kk.masked_fill_(dead[:, None, :, None], float("nan"))
+        qg, kg = q.clone().requires_grad_(), kk.requires_grad_()
+        p, _ = probe_rows_op(qg, kg, kpm, rows, cols, True, 0.125, window or 0)
+        dq, dk = torch.autograd.grad((p * torch.arange(4.0, device=DEV)).sum(), (qg, kg))
+        results.append((p, dq, dk.masked_fill(~kpm[:, None, :, None], 0.0)))
+    for clean, poisoned in zip(*results):
+        assert torch.isfinite(poisoned).all()
+        torch.testing.assert_close(poisoned, clean, rtol=0, atol=0)
+    assert results[0][0].abs().sum() > 0
