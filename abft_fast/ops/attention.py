@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from . import available, varlen
+from . import available, probes, varlen
 from .available import cuda_ext_available, triton_available  # re-exported
 from .padding import Padding
 from .spec import BACKENDS, AttentionSpec, check_backend, make_spec
@@ -95,13 +95,12 @@ def _zero_padded_queries(out, probs, spec: AttentionSpec, out_done: bool):
 
 class _VarlenBackend:
     """Preset "varlen": the output from PyTorch's varlen flash kernel (``ops/varlen.py``), the
-    probes from the probe kernels (``sdpa_backend.probe_probs``: Triton, CUDA C++ or torch)."""
+    probes from a probe provider (``ops/probes.py``: Triton, CUDA C++ or torch)."""
 
     @staticmethod
     def attention(q, k, v, spec: AttentionSpec):
-        from . import sdpa_backend
         out = varlen.output(q, k, v, spec)
-        probs = sdpa_backend.probe_probs(q, k, spec) if spec.has_probes else None
+        probs = probes.probe_probs(q, k, spec) if spec.has_probes else None
         return out, probs
 
 

@@ -7,9 +7,9 @@ with key padding, a window or causal Lq != Lk, blocks of at most 128 query rows 
 never L x L; see ``output`` for GQA), the probes from the CUDA probe kernels (csrc/probes.cuh):
 row lse and probabilities in the forward, dk and the R rows of dq in the backward, O(R * L * d)
 work, with the same masks. They run as the torch.library ops ``abft_fast::cuda_probe_rows`` /
-``abft_fast::cuda_probe_rows_backward`` (fake implementations and autograd registered, so
-``torch.compile`` traces them). The sdpa engine uses the same ops where Triton cannot run
-(``sdpa_backend.probe_engine``).
+``abft_fast::cuda_probe_rows_backward`` (registered in ``ops/probes.py`` with the other probe
+providers; fake implementations and autograd, so ``torch.compile`` traces them). The sdpa and
+varlen engines use the same ops where Triton cannot run (``probes.choose``).
 
 The fused CUDA kernels (csrc/attention_*.cuh: out, lse and the probes folded into one flash
 loop) are no longer on this route: measured 51 ms where cuDNN took 2.2 ms (H100, bf16, causal,
@@ -35,6 +35,7 @@ from .cuda_ext import (  # noqa: F401  (re-exported: the loader lives in cuda_ex
     is_cached,
     load_extension,
 )
+from .probes import cuda_probe_rows_op
 from .spec import AttentionSpec
 
 MAX_HEAD_DIM = 256
@@ -76,8 +77,8 @@ def attention(q, k, v, spec: AttentionSpec):
     out = output(q, k, v, spec)
     probs = None
     if spec.has_probes:
-        probs, _ = probe_rows_op(q, k, spec.key_padding_mask, spec.probe_rows, spec.probe_cols,
-                                 spec.causal, spec.scale, spec.window or 0)
+        probs, _ = cuda_probe_rows_op(q, k, spec.key_padding_mask, spec.probe_rows,
+                                      spec.probe_cols, spec.causal, spec.scale, spec.window or 0)
     return out, probs
 
 
@@ -165,15 +166,3 @@ class _ExtensionProbes(torch.autograd.Function):
         q, k, probs, lse, kpm, rows, cols = ctx.saved_tensors
         dq, dk = _probe_backward(ctx.ext, dprobs, q, k, probs, lse, kpm, rows, cols, *ctx.cfg)
         return None, dq, dk, None, None, None, None, None, None
-
-
-def _ext_fwd():
-    ext = load_extension()
-    return lambda q, k, kpm, rows, cols, *cfg: ext.probe_fwd(q, k, rows, cols, kpm, *cfg)
-
-
-probe_rows_op = probe_ops.register(
-    "cuda_probe_rows", _ext_fwd, lambda: load_extension().probe_bwd,
-    "-> (probs [B,Hq,R,C] float32, lse of the probe rows [B,Hq,R] float32), by the CUDA probe "
-    "kernels of the JIT-built (or prebuilt) extension.")
-probe_rows_backward_op = probe_rows_op.backward_op

@@ -8,16 +8,16 @@ row r with ds_rc = P_rc G_rc and u_r = sum_c ds_rc, the score gradient ds_rj [j 
 into dk (every visible key) and dq (the R probe rows); dv gets nothing (docs/design.md).
 
 Where Triton cannot run (a CPU without TRITON_INTERPRET=1, float64, a GPU without a working
-Triton) the probes come from the CUDA C++ probe kernels of ``cuda_backend`` on CUDA tensors when
-that extension loads, else from the torch backend's probe path (the same maths through autograd);
-``probe_engine`` decides. Unmasked attention only: no key padding, no window (causal with
+Triton) the probes come from the CUDA C++ probe kernels on CUDA tensors when that extension
+loads, else from the torch backend's probe path (the same maths through autograd):
+``probes.choose`` decides. Unmasked attention only: no key padding, no window (causal with
 Lq != Lk runs the torch backend's query-block path for the output).
 """
 from __future__ import annotations
 
 import torch
 
-from . import available, probe_ops, torch_backend
+from . import probe_ops, probes, torch_backend
 from .spec import AttentionSpec, probs_dtype
 
 
@@ -33,7 +33,7 @@ def attention(q, k, v, spec: AttentionSpec):
     if _fused_backward(q, k, v, spec):
         return SdpaWithProbes.apply(q, k, v, spec)
     out = torch_backend.output(q, k, v, spec)
-    probs = probe_probs(q, k, spec) if spec.has_probes else None
+    probs = probes.probe_probs(q, k, spec) if spec.has_probes else None
     return out, probs
 
 
@@ -45,7 +45,7 @@ def _fused_backward(q, k, v, spec: AttentionSpec) -> bool:
     return (spec.has_probes and spec.probe_rows.shape[1] > 0 and spec.n_cols > 0
             and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
             and not torch.compiler.is_compiling() and not _saved_tensor_hooks_active()
-            and _triton_probes(q))
+            and probes.choose(q, spec) is probes.TRITON)
 
 
 def _saved_tensor_hooks_active() -> bool:
@@ -109,64 +109,4 @@ class SdpaWithProbes(torch.autograd.Function):
         return grads[0], grads[1], grads[2], None
 
 
-def _triton_probes(q) -> bool:
-    return q.dtype != torch.float64 and available.triton_available(q.device)[0]
-
-
-def probe_engine(q, spec: AttentionSpec) -> str:
-    """Where the probes come from: "triton" (the Triton probe kernels) where Triton runs;
-    else "cuda" (the CUDA C++ probe kernels, csrc/probes.cuh) on CUDA tensors of 16 / 32 bits
-    with D <= 256 when the CUDA extension loads (prebuilt, cached, or built now on first use:
-    one log line); else "torch" (the torch backend's probe path)."""
-    if _triton_probes(q):
-        return "triton"
-    if _cuda_probes(q, spec):
-        return "cuda"
-    return "torch"
-
-
-def _cuda_probes(q, spec: AttentionSpec) -> bool:
-    from . import cuda_backend, cuda_ext
-    return (q.dtype != torch.float64 and spec.head_dim <= cuda_backend.MAX_HEAD_DIM
-            and available.cuda_ext_available(q.device)[0] and cuda_ext.extension_loads())
-
-
-def probe_probs(q, k, spec: AttentionSpec):
-    """[B, Hq, R, C] probe probabilities, differentiable into q and k."""
-    engine = probe_engine(q, spec)
-    if engine == "torch":
-        return torch_backend.probe_probs(q, k, spec)
-    if engine == "cuda":
-        from .cuda_backend import probe_rows_op as op
-    else:
-        op = probe_rows_op
-    probs, _ = op(q, k, spec.key_padding_mask, spec.probe_rows, spec.probe_cols, spec.causal,
-                  spec.scale, spec.window or 0)
-    return probs
-
-
-def _triton_fwd():
-    from ..kernels.probes import probe_rows_fwd
-
-    def fwd(q, k, kpm, rows, cols, causal, scale, window):
-        return probe_rows_fwd(q, k, rows, cols, kpm, causal=causal, window=window or None,
-                              scale=scale)
-    return fwd
-
-
-def _triton_rows_bwd():
-    from ..kernels.probes import probe_rows_bwd
-
-    def rows_bwd(q, k, rows, lse, u, e, kpm, causal, scale, window):
-        return probe_rows_bwd(q, k, rows, lse, u, e, kpm, causal=causal, window=window or None,
-                              scale=scale)
-    return rows_bwd
-
-
-probe_rows_op = probe_ops.register(
-    "probe_rows", _triton_fwd, _triton_rows_bwd,
-    "-> (probs [B,Hq,R,C] float32, lse of the probe rows [B,Hq,R] float32), by the Triton "
-    "probe kernels (abft_fast.kernels.probes).")
-probe_rows_backward_op = probe_rows_op.backward_op
-
-__all__ = ["attention", "check_supported", "probe_probs", "probs_dtype"]
+__all__ = ["attention", "check_supported", "probs_dtype"]

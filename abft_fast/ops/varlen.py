@@ -125,13 +125,16 @@ def naive_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size, enable_g
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Packed sequences of one call shape: q_index [Tq] / k_index [Tk] int64 flat positions into
-    [B * Lq] / [B * Lk]; cu_q / cu_k [B + 1] int32; max_q / max_k host ints."""
+    [B * Lq] / [B * Lk]; cu_q / cu_k [B + 1] int32; max_q / max_k host ints. all_q / all_k: every
+    row is packed in order (no padding, no row left out): the packing is a view."""
     q_index: torch.Tensor
     k_index: torch.Tensor
     cu_q: torch.Tensor
     cu_k: torch.Tensor
     max_q: int
     max_k: int
+    all_q: bool
+    all_k: bool
 
 
 def _runs(spec: AttentionSpec):
@@ -173,14 +176,17 @@ def supports(q, spec: AttentionSpec) -> bool:
 
 def layout(spec: AttentionSpec, device) -> Layout:
     """The packed sequences of this call (cached on the Padding per shape and device)."""
-    key = (spec.q_len, spec.k_len, spec.causal, str(device))
+    key = (spec.batch, spec.q_len, spec.k_len, spec.causal, str(device))
     cache = spec.padding.cache if spec.padding is not None else _unpadded
     if key not in cache:
+        if len(cache) >= _CACHE_SIZE:
+            cache.pop(next(iter(cache)))  # the oldest shape
         cache[key] = _build_layout(spec, device)
     return cache[key]
 
 
-_unpadded: dict = {}  # layouts without padding: (Lq, Lk, causal, device) -> Layout
+_CACHE_SIZE = 32
+_unpadded: dict = {}  # layouts without padding: (B, Lq, Lk, causal, device) -> Layout
 
 
 def _build_layout(spec: AttentionSpec, device) -> Layout:
@@ -202,8 +208,10 @@ def _build_layout(spec: AttentionSpec, device) -> Layout:
         len_q.append(q1 - q0)
         len_k.append(e - s)
     cu = [torch.tensor([0] + lens).cumsum(0).to(torch.int32) for lens in (len_q, len_k)]
-    return Layout(torch.cat(q_idx).to(device), torch.cat(k_idx).to(device), cu[0].to(device),
-                  cu[1].to(device), max(len_q), max(len_k))
+    qi, ki = torch.cat(q_idx), torch.cat(k_idx)
+    return Layout(qi.to(device), ki.to(device), cu[0].to(device), cu[1].to(device), max(len_q),
+                  max(len_k), sum(len_q) == spec.batch * spec.q_len,
+                  sum(len_k) == spec.batch * spec.k_len)
 
 
 # ----------------------------------------------------------------------------------- output
@@ -217,10 +225,12 @@ def output(q, k, v, spec: AttentionSpec):
     lay = layout(spec, q.device)
     b, hq, lq, d = q.shape
 
-    def packed(t, index):
-        return t.transpose(1, 2).reshape(-1, t.shape[1], d).index_select(0, index)
+    def packed(t, index, every):
+        flat = t.transpose(1, 2).reshape(-1, t.shape[1], d)  # a view for HF's layout
+        return flat if every else flat.index_select(0, index)
 
-    qp, kp, vp = packed(q, lay.q_index), packed(k, lay.k_index), packed(v, lay.k_index)
+    qp = packed(q, lay.q_index, lay.all_q)
+    kp, vp = packed(k, lay.k_index, lay.all_k), packed(v, lay.k_index, lay.all_k)
     gqa = spec.q_heads != spec.kv_heads
     if gqa and not kern.gqa:
         kp, vp = (t.repeat_interleave(spec.group, dim=1) for t in (kp, vp))
@@ -231,8 +241,9 @@ def output(q, k, v, spec: AttentionSpec):
                       (left, right), gqa and kern.gqa)
     else:  # no row sees a key: zeros, still on the graph
         op = qp
-    out = op.new_zeros(b * lq, hq, d).index_copy(0, lay.q_index, op)
-    return out.view(b, lq, hq, d).transpose(1, 2)
+    if not lay.all_q:
+        op = op.new_zeros(b * lq, hq, d).index_copy(0, lay.q_index, op)
+    return op.view(b, lq, hq, d).transpose(1, 2)
 
 
 _naive = Kernel("naive_kernel", naive_kernel, True, ("cpu", "cuda"),

@@ -5,7 +5,7 @@ import torch
 from cases import fresh_generator
 
 import abft_fast
-from abft_fast.ops import fused, sdpa_backend
+from abft_fast.ops import fused, probes
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -69,5 +69,5 @@ def test_opcheck_probe_rows():
     q, k, _, rows, cols = _inputs(gen)
     q.requires_grad_()
     k.requires_grad_()
-    torch.library.opcheck(sdpa_backend.probe_rows_op, (q, k, None, rows, cols, True, 0.25, 0))
-    torch.library.opcheck(sdpa_backend.probe_rows_op, (q, k, None, rows, None, False, 0.3, 0))
+    torch.library.opcheck(probes.probe_rows_op, (q, k, None, rows, cols, True, 0.25, 0))
+    torch.library.opcheck(probes.probe_rows_op, (q, k, None, rows, None, False, 0.3, 0))

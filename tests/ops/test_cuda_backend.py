@@ -40,7 +40,7 @@ from cases import (
 )
 from test_torch_backend import CASES
 
-from abft_fast.ops import cuda_backend, cuda_ext
+from abft_fast.ops import cuda_backend, cuda_ext, probes
 from abft_fast.ops.reference import attention_reference
 
 CSRC = cuda_ext.csrc_dir()
@@ -645,15 +645,15 @@ def test_emulated_probe_ops_opcheck_and_compile(emu, monkeypatch):
     k = torch.randn(1, 2, 28, 16, generator=g, requires_grad=True)
     rows, cols = torch.tensor([[19, 3, -1]]), torch.tensor([[0, 27, -1, 5]])
     for c in (cols, None):
-        torch.library.opcheck(cuda_backend.probe_rows_op, (q, k, None, rows, c, True, 0.25, 0))
-    probs, lse = cuda_backend.probe_rows_op(q, k, None, rows, cols, True, 0.25, 0)
+        torch.library.opcheck(probes.cuda_probe_rows_op, (q, k, None, rows, c, True, 0.25, 0))
+    probs, lse = probes.cuda_probe_rows_op(q, k, None, rows, cols, True, 0.25, 0)
     dp = torch.randn(probs.shape, generator=g)
-    torch.library.opcheck(cuda_backend.probe_rows_backward_op,
+    torch.library.opcheck(probes.cuda_probe_rows_op.backward_op,
                           (dp, q.detach(), k.detach(), probs.detach(), lse.detach(), None, rows,
                            cols, True, 0.25, 0))
 
     def loss(q, k):
-        p, _ = cuda_backend.probe_rows_op(q, k, None, rows, cols, True, 0.25, 0)
+        p, _ = probes.cuda_probe_rows_op(q, k, None, rows, cols, True, 0.25, 0)
         return (p * dp).sum()
     want = torch.autograd.grad(loss(q, k), (q, k))
     torch._dynamo.reset()
@@ -667,11 +667,20 @@ def test_emulated_probe_ops_opcheck_and_compile(emu, monkeypatch):
 # the sdpa engine's probes where Triton cannot run
 
 
+def _without_triton_probes(monkeypatch):
+    monkeypatch.setattr(probes, "PROVIDERS", tuple(p for p in probes.PROVIDERS
+                                                   if p.name != "triton"))
+
+
+def _engine(q, spec) -> str:
+    return probes.choose(q, spec).name
+
+
 def test_sdpa_probe_engine_selection(monkeypatch):
     """Triton where it runs; else the CUDA probe kernels on CUDA tensors (fp16 / bf16 / fp32,
     D <= 256) when the extension loads; else the torch probe path. No build is attempted for
     CPU tensors. (The CUDA answer is checked with availability patched, not by running CUDA.)"""
-    from abft_fast.ops import available, sdpa_backend
+    from abft_fast.ops import available
     loads = []
 
     def loads_ok():
@@ -680,19 +689,20 @@ def test_sdpa_probe_engine_selection(monkeypatch):
     monkeypatch.setattr(cuda_ext, "extension_loads", loads_ok)
     q = torch.randn(1, 2, 4, 16)
     spec = spec_of(q, q, q, probe_rows=torch.tensor([[3]]))
-    monkeypatch.setattr(sdpa_backend, "_triton_probes", lambda q: True)
-    assert sdpa_backend.probe_engine(q, spec) == "triton"
-    monkeypatch.setattr(sdpa_backend, "_triton_probes", lambda q: False)
-    assert sdpa_backend.probe_engine(q, spec) == "torch"  # CPU tensors: real availability check
+    always = dataclasses.replace(probes.TRITON, why_not=lambda q, spec: "")
+    monkeypatch.setattr(probes, "PROVIDERS", (always,) + probes.PROVIDERS[1:])
+    assert probes.choose(q, spec).name == "triton"
+    _without_triton_probes(monkeypatch)
+    assert probes.choose(q, spec).name == "torch"  # CPU tensors: real availability check
     assert loads == []
     monkeypatch.setattr(available, "cuda_ext_available", lambda dev: (True, ""))
-    assert sdpa_backend.probe_engine(q, spec) == "cuda" and loads == [1]
-    assert sdpa_backend.probe_engine(q.half(), spec) == "cuda"
-    assert sdpa_backend.probe_engine(q.double(), spec) == "torch"
+    assert _engine(q, spec) == "cuda" and loads == [1]
+    assert _engine(q.half(), spec) == "cuda"
+    assert _engine(q.double(), spec) == "torch"
     big = torch.randn(1, 2, 4, 300)
-    assert sdpa_backend.probe_engine(big, spec_of(big, big, big)) == "torch"
+    assert _engine(big, spec_of(big, big, big)) == "torch"
     monkeypatch.setattr(cuda_ext, "extension_loads", lambda: False)  # a failed build
-    assert sdpa_backend.probe_engine(q, spec) == "torch"
+    assert _engine(q, spec) == "torch"
 
 
 @pytest.mark.skipif(torch.version.cuda is not None, reason="failure path of a CPU-only torch")
@@ -713,11 +723,16 @@ def test_extension_loads_is_false_once_a_build_failed(monkeypatch, tmp_path, cap
 def test_emulated_sdpa_engine_with_cuda_probe_kernels(emu, monkeypatch, case, dtype):
     """backend="sdpa" with Triton unusable and the (emulated) CUDA extension available: the
     probes come from the CUDA probe op, within the rule of the float64 reference."""
-    from abft_fast.ops import available, sdpa_backend
+    from abft_fast.ops import available
     monkeypatch.setattr(cuda_ext, "_ext", emu)
-    monkeypatch.setattr(sdpa_backend, "_triton_probes", lambda q: False)
     monkeypatch.setattr(available, "cuda_ext_available", lambda dev: (True, ""))
-    calls = _count_calls(monkeypatch, cuda_backend, "probe_rows_op")
+    calls = []
+
+    def spy(q, k, spec):
+        calls.append(1)
+        return probes.CUDA.run(q, k, spec)
+    monkeypatch.setattr(probes, "PROVIDERS",
+                        (dataclasses.replace(probes.CUDA, run=spy), probes.TORCH))
     inp = make_inputs(case, _fresh())
     ref = reference(case, inp)
     tor = run(attention_fn("torch"), case, inp, dtype)
@@ -894,12 +909,11 @@ def test_cuda_gpu_auto_skips_the_fused_cuda_kernels_when_triton_is_unusable(monk
 def test_cuda_gpu_sdpa_engine_without_triton_uses_cuda_probe_kernels(monkeypatch, dtype):
     """backend="sdpa" with Triton unusable: the probes come from the CUDA probe kernels (built
     on first use), within the rule of the float64 reference."""
-    from abft_fast.ops import sdpa_backend
-    monkeypatch.setattr(sdpa_backend, "_triton_probes", lambda q: False)
+    _without_triton_probes(monkeypatch)
     case = Case(2, 8, 2, 300, 300, 64, r=4, c=16)
     inp = _on_cuda(make_inputs(case, _fresh()))
     q = inp["q"].to(dtype)
-    assert sdpa_backend.probe_engine(q, spec_of(q, q, q)) == "cuda"
+    assert _engine(q, spec_of(q, q, q)) == "cuda"
     ref = reference(case, inp)
     tor = run(attention_fn("torch"), case, inp, dtype)
     got = run(attention_fn("sdpa"), case, inp, dtype)

@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import abft_fast
-from abft_fast.ops import fused, sdpa_backend
+from abft_fast.ops import fused, probes
 from abft_fast.ops import spec as spec_module
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -15,8 +15,8 @@ HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.de
 
 
 _IMPLS = {op._qualname: op._init_fn for op in (
-    fused.fused_attention_op, fused.fused_attention_backward_op, sdpa_backend.probe_rows_op,
-    sdpa_backend.probe_rows_backward_op)}
+    fused.fused_attention_op, fused.fused_attention_backward_op, probes.probe_rows_op,
+    probes.probe_rows_op.backward_op)}
 
 
 class NoHostReads(TorchDispatchMode):
