@@ -6,8 +6,8 @@ import warnings
 
 import torch
 
-from . import available, probes, varlen
 from .available import cuda_ext_available, triton_available  # re-exported
+from .engines import ENGINES, Engine
 from .padding import Padding
 from .spec import BACKENDS, AttentionSpec, check_backend, make_spec
 
@@ -69,18 +69,30 @@ def run(q, k, v, spec: AttentionSpec, backend: str):
     if backend == "varlen" and spec.key_padding_mask is not None and spec.padding is None:
         # asked for by name with a tensor mask: read it on the host here (one sync per call)
         spec = dataclasses.replace(spec, padding=Padding.of(spec.key_padding_mask))
-    _require_available(backend, q, spec)
-    return _call(backend, q, k, v, spec)
+    engine = ENGINES[backend]
+    why = engine.unavailable(q.device)
+    if why:
+        raise RuntimeError(f"backend={backend!r} is not available: {why}")
+    dtypes = engine.dtypes(q, spec)
+    if q.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"backend={backend!r} supports {names} inputs; got {q.dtype}"
+                        + (" (use backend='torch' for float64)" if q.dtype == torch.float64
+                           else ""))
+    refusal = engine.refuses(q, spec)
+    if refusal:
+        raise ValueError(refusal)
+    return _call(engine, q, k, v, spec)
 
 
-def _call(name, q, k, v, spec: AttentionSpec):
-    out, probs = _backend_module(name).attention(q, k, v, spec)
-    return _zero_padded_queries(out, probs, spec, out_done=name == "varlen")
+def _call(engine: Engine, q, k, v, spec: AttentionSpec):
+    out, probs = engine.run(q, k, v, spec)
+    return _zero_padded_queries(out, probs, spec, engine.zeroes_padded_queries)
 
 
 def _zero_padded_queries(out, probs, spec: AttentionSpec, out_done: bool):
-    """Rows of ``spec.query_mask`` that are False give out 0 and probes 0 (``varlen`` leaves
-    those rows out already: ``out_done``)."""
+    """Rows of ``spec.query_mask`` that are False give out 0 and probes 0 (``out_done``: the
+    engine left those rows at 0 already)."""
     qm = spec.query_mask
     if qm is None:
         return out, probs
@@ -91,59 +103,6 @@ def _zero_padded_queries(out, probs, spec: AttentionSpec, out_done: bool):
         real = torch.gather(qm, 1, rows.clamp(min=0)) & (rows >= 0)  # [B, R]
         probs = probs.masked_fill(~real[:, None, :, None], 0.0)
     return out, probs
-
-
-class _VarlenBackend:
-    """Preset "varlen": the output from PyTorch's varlen flash kernel (``ops/varlen.py``), the
-    probes from a probe provider (``ops/probes.py``: Triton, CUDA C++ or torch)."""
-
-    @staticmethod
-    def attention(q, k, v, spec: AttentionSpec):
-        out = varlen.output(q, k, v, spec)
-        probs = probes.probe_probs(q, k, spec) if spec.has_probes else None
-        return out, probs
-
-
-def _backend_module(name):
-    if name == "varlen":
-        return _VarlenBackend
-    if name == "torch":
-        from . import torch_backend as m
-    elif name == "sdpa":
-        from . import sdpa_backend as m
-    elif name == "triton":
-        from . import triton_backend as m
-    elif name == "cuda":
-        from . import cuda_backend as m
-    else:  # pragma: no cover - check_backend rejects it first
-        raise ValueError(name)
-    return m
-
-
-def _available(name: str, device: torch.device) -> tuple[bool, str]:
-    if name == "triton":
-        return available.triton_available(device)
-    if name == "cuda":
-        return available.cuda_ext_available(device)
-    return True, ""
-
-
-def _require_available(backend, q, spec: AttentionSpec):
-    if backend == "varlen":
-        why = varlen.why_unsupported(q, spec)
-        if why:
-            raise RuntimeError(f"backend='varlen' cannot run this call: {why}")
-        return
-    if backend == "sdpa":
-        from .sdpa_backend import check_supported
-        check_supported(spec)
-        return
-    ok, why = _available(backend, q.device)
-    if not ok:
-        raise RuntimeError(f"backend={backend!r} is not available: {why}")
-    if backend in ("triton", "cuda") and q.dtype == torch.float64:
-        raise TypeError(f"backend={backend!r} supports float16, bfloat16 and float32 inputs; got "
-                        "float64 (use backend='torch' for float64)")
 
 
 def choose_backend(device: torch.device, dtype: torch.dtype, spec: AttentionSpec) -> list[str]:
@@ -173,29 +132,26 @@ def choose_backend(device: torch.device, dtype: torch.dtype, spec: AttentionSpec
 
 def _run_auto(q, k, v, spec: AttentionSpec):
     for name in choose_backend(q.device, q.dtype, spec):
+        engine = ENGINES[name]
         if name == "torch":
             break
         if name in _broken:
             continue
-        if name == "varlen":
-            if varlen.find_kernel() is None:
-                _mark_broken(name, varlen.why_unsupported(q, spec))
-            if not varlen.supports(q, spec):
-                continue  # not this call's kernel (dtype, head dim, mask shape): no warning
-        else:
-            ok, why = _available(name, q.device)
-            if not ok:
-                _mark_broken(name, why)
-                continue
+        why = engine.unavailable(q.device)
+        if why:  # not on this machine: say so once
+            _mark_broken(name, why)
+            continue
+        if q.dtype not in engine.dtypes(q, spec) or engine.refuses(q, spec):
+            continue  # not this call's engine (dtype, head dim, mask): no warning
         try:
-            return _call(name, q, k, v, spec)
+            return _call(engine, q, k, v, spec)
         except (ValueError, TypeError, torch.OutOfMemoryError):
             raise
         except Exception as e:  # compile / build failure: fall back once, loudly
             if _is_device_error(e):  # a CUDA error or device assert: the engine is not broken
                 raise
             _mark_broken(name, f"{type(e).__name__}: {e}")
-    return _call("torch", q, k, v, spec)
+    return _call(ENGINES["torch"], q, k, v, spec)
 
 
 def _is_device_error(e: Exception) -> bool:

@@ -25,7 +25,7 @@ def check_supported(spec: AttentionSpec) -> None:
     if spec.key_padding_mask is not None or spec.window is not None:
         raise ValueError("backend='sdpa' runs unmasked attention only (PyTorch's fast SDPA "
                          "kernels take no mask): got a key_padding_mask or a window; use "
-                         "backend='triton' (fused) or 'auto'")
+                         "backend='varlen', 'triton' (fused) or 'auto'")
 
 
 def attention(q, k, v, spec: AttentionSpec):

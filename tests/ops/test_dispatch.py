@@ -1,4 +1,5 @@
 """backend="auto": the engine order per case, and one loud fallback per broken engine."""
+import dataclasses
 import importlib
 import warnings
 
@@ -34,23 +35,25 @@ def test_auto_order_per_case():
                 assert order[-1] == "torch" and "cuda" not in order
 
 
+def _replace_engines(monkeypatch, run, names=("triton", "cuda")):
+    """Engines ``names`` available everywhere, taking every call, running ``run(name)``."""
+    for n in names:
+        e = A.ENGINES[n]
+        monkeypatch.setitem(A.ENGINES, n, dataclasses.replace(
+            e, unavailable=lambda d: "", refuses=lambda q, s: "", run=run(n)))
+    monkeypatch.setattr(A, "_broken", {})
+
+
 def test_auto_falls_back_once_with_a_warning(monkeypatch):
     calls = []
 
-    class Broken:
-        def __init__(self, name):
-            self.name = name
-
-        def attention(self, *a):
-            calls.append(self.name)
-            raise RuntimeError(f"{self.name} failed to compile")
-
-    real = A._backend_module
-    monkeypatch.setattr(A, "_backend_module",
-                        lambda n: real(n) if n == "torch" else Broken(n))
-    monkeypatch.setattr(A, "_available", lambda n, d: (True, ""))
+    def broken(name):
+        def run(*a):
+            calls.append(name)
+            raise RuntimeError(f"{name} failed to compile")
+        return run
+    _replace_engines(monkeypatch, broken)
     monkeypatch.setattr(A, "choose_backend", lambda d, t, s: ["triton", "cuda", "torch"])
-    monkeypatch.setattr(A, "_broken", {})
     q, k, v = (torch.randn(1, 2, 5, 16) for _ in range(3))
     spec = spec_of(q, k, v, scale=0.25, probe_rows=torch.tensor([[4]]))
     with pytest.warns(RuntimeWarning) as rec:
@@ -58,7 +61,7 @@ def test_auto_falls_back_once_with_a_warning(monkeypatch):
     msgs = [str(w.message) for w in rec]
     assert any("not using 'triton'" in m and "failed to compile" in m for m in msgs)
     assert any("not using 'cuda'" in m for m in msgs)
-    ref, pref = real("torch").attention(q, k, v, spec)
+    ref, pref = A.ENGINES["torch"].run(q, k, v, spec)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(probs, pref)
     # second call: no new attempt, no new warning
@@ -69,13 +72,12 @@ def test_auto_falls_back_once_with_a_warning(monkeypatch):
 
 
 def test_auto_does_not_swallow_argument_errors(monkeypatch):
-    class Bad:
-        def attention(self, *a):
+    def bad(name):
+        def run(*a):
             raise ValueError("bad shape")
-    monkeypatch.setattr(A, "_backend_module", lambda n: Bad())
-    monkeypatch.setattr(A, "_available", lambda n, d: (True, ""))
+        return run
+    _replace_engines(monkeypatch, bad, ("triton",))
     monkeypatch.setattr(A, "choose_backend", lambda d, t, s: ["triton", "torch"])
-    monkeypatch.setattr(A, "_broken", {})
     q = torch.randn(1, 1, 2, 16)
     with pytest.raises(ValueError, match="bad shape"):
         A._run_auto(q, q, q, spec_of(q, q, q))
@@ -85,14 +87,35 @@ def test_auto_does_not_swallow_argument_errors(monkeypatch):
                                    RuntimeError("CUDA error: device-side assert triggered")],
                          ids=["oom", "device-assert"])
 def test_auto_does_not_drop_an_engine_on_device_errors(monkeypatch, error):
-    class Failing:
-        def attention(self, *a):
+    def failing(name):
+        def run(*a):
             raise error
-    monkeypatch.setattr(A, "_backend_module", lambda n: Failing())
-    monkeypatch.setattr(A, "_available", lambda n, d: (True, ""))
+        return run
+    _replace_engines(monkeypatch, failing, ("triton",))
     monkeypatch.setattr(A, "choose_backend", lambda d, t, s: ["triton", "torch"])
-    monkeypatch.setattr(A, "_broken", {})
     q = torch.randn(1, 1, 2, 16)
     with pytest.raises(type(error)):
         A._run_auto(q, q, q, spec_of(q, q, q))
     assert A._broken == {}
+
+
+def test_auto_skips_an_engine_that_refuses_the_call_without_a_warning(monkeypatch):
+    """A call an engine does not take (here: varlen and a tensor padding mask, float32) goes on
+    to the next engine silently; an engine missing from the machine is named once."""
+    monkeypatch.setattr(A, "_broken", {})
+    monkeypatch.setattr(A, "choose_backend", lambda d, t, s: ["triton", "varlen", "torch"])
+    monkeypatch.setitem(A.ENGINES, "triton", dataclasses.replace(
+        A.ENGINES["triton"], unavailable=lambda d: "no Triton here (made up)"))
+    from abft_fast.ops import varlen
+    varlen.use_naive_kernel()
+    try:
+        q = torch.randn(1, 2, 6, 16)
+        kpm = torch.tensor([[1, 1, 1, 1, 0, 0]]).bool()
+        with pytest.warns(RuntimeWarning, match="not using 'triton': no Triton here"):
+            A._run_auto(q, q, q, spec_of(q, q, q, key_padding_mask=kpm))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out, _ = A._run_auto(q, q, q, spec_of(q, q, q, key_padding_mask=kpm))
+        assert set(A._broken) == {"triton"}
+    finally:
+        varlen.reset_kernel()
