@@ -106,18 +106,24 @@ def naive_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size, enable_g
         if q1 == q0:
             continue
         qs, ks, vs = (t.transpose(0, 1).float() for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
-        t = torch.arange(q1 - q0, device=q.device)[:, None] + (k1 - k0) - (q1 - q0)
-        j = torch.arange(k1 - k0, device=q.device)[None, :]
-        vis = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool, device=q.device)
-        if left >= 0:
-            vis &= j >= t - left
-        if right >= 0:
-            vis &= j <= t + right
+        vis = _visible(q1 - q0, k1 - k0, left, right, q.device)
         has = vis.any(-1, keepdim=True)
         o = torch.nn.functional.scaled_dot_product_attention(
             qs, ks, vs, attn_mask=vis | ~has, scale=scale, enable_gqa=enable_gqa)
         outs.append(o.masked_fill(~has, 0.0).transpose(0, 1).to(q.dtype))
     return torch.cat(outs) if outs else q[:0]
+
+
+def _visible(m: int, n: int, left: int, right: int, device):
+    """[m, n] bool: query t (aligned with key t + n - m) sees key j within (left, right)."""
+    t = torch.arange(m, device=device)[:, None] + n - m
+    j = torch.arange(n, device=device)[None, :]
+    vis = torch.ones(m, n, dtype=torch.bool, device=device)
+    if left >= 0:
+        vis &= j >= t - left
+    if right >= 0:
+        vis &= j <= t + right
+    return vis
 
 
 # ----------------------------------------------------------------------------------- layout
@@ -246,7 +252,73 @@ def output(q, k, v, spec: AttentionSpec):
     return op.view(b, lq, hq, d).transpose(1, 2)
 
 
-_naive = Kernel("naive_kernel", naive_kernel, True, ("cpu", "cuda"),
+@torch.library.custom_op("abft_fast::naive_varlen", mutates_args=())
+def _naive_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor,
+              cu_k: torch.Tensor, max_q: int, max_k: int, scale: float, left: int, right: int,
+              gqa: bool) -> torch.Tensor:
+    """``naive_kernel`` as an opaque op (so that torch.compile traces a call as it traces the
+    vendor kernel's custom op); its backward recomputes it under autograd."""
+    return naive_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale, (left, right), gqa).clone()
+
+
+@_naive_op.register_fake
+def _(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, gqa):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("abft_fast::naive_varlen_backward", mutates_args=())
+def _naive_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int,
+                       scale: float, left: int, right: int,
+                       gqa: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The flash backward of ``naive_kernel``, per sequence in float32 (written out: autograd
+    does not record inside a custom op)."""
+    dq, dk, dv = (torch.zeros_like(t, dtype=torch.float32) for t in (q, k, v))
+    g = q.shape[1] // k.shape[1]
+    for n in range(cu_q.numel() - 1):
+        q0, q1, k0, k1 = (int(x) for x in (cu_q[n], cu_q[n + 1], cu_k[n], cu_k[n + 1]))
+        if q1 == q0 or k1 == k0:
+            continue
+        qs = q[q0:q1].transpose(0, 1).float()                                # [H, m, D]
+        ks, vs = (t[k0:k1].transpose(0, 1).float().repeat_interleave(g, 0)
+                  for t in (k, v))                                           # [H, n, D]
+        do = dout[q0:q1].transpose(0, 1).float()
+        vis = _visible(q1 - q0, k1 - k0, left, right, q.device)
+        s = torch.where(vis, scale * qs @ ks.transpose(1, 2), float("-inf"))
+        has = vis.any(-1, keepdim=True)
+        p = torch.where(vis, torch.softmax(torch.where(has, s, 0.0), -1), 0.0)
+        dp = do @ vs.transpose(1, 2)
+        ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+        dq[q0:q1] = (scale * ds @ ks).transpose(0, 1)
+        dk[k0:k1] = (scale * ds.transpose(1, 2) @ qs).unflatten(0, (-1, g)).sum(1).transpose(0, 1)
+        dv[k0:k1] = (p.transpose(1, 2) @ do).unflatten(0, (-1, g)).sum(1).transpose(0, 1)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@_naive_backward_op.register_fake
+def _(dout, q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, gqa):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _naive_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:5])
+    ctx.cfg = inputs[5:]
+
+
+def _naive_grad(ctx, dout):
+    q, k, v, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = _naive_backward_op(dout, q, k, v, cu_q, cu_k, *ctx.cfg)
+    return (dq, dk, dv) + (None,) * 8
+
+
+_naive_op.register_autograd(_naive_grad, setup_context=_naive_setup)
+
+
+def _naive_run(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size, enable_gqa):
+    return _naive_op(q, k, v, cu_q, cu_k, max_q, max_k, scale, *window_size, enable_gqa)
+
+
+_naive = Kernel("naive_kernel", _naive_run, True, ("cpu", "cuda"),
                 (torch.float16, torch.bfloat16, torch.float32))  # what tests install
 
 

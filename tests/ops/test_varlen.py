@@ -9,6 +9,7 @@ import importlib
 import pytest
 import torch
 from cases import (
+    RANDOM_CASES,
     Case,
     check_rel,
     check_rule,
@@ -19,6 +20,7 @@ from cases import (
 )
 
 import abft_fast
+from abft_fast.ops import spec as spec_module
 from abft_fast.ops import varlen
 from abft_fast.ops.reference import attention_reference
 from abft_fast.ops.spec import make_spec
@@ -234,9 +236,10 @@ def test_auto_on_cuda_runs_varlen(naive, monkeypatch):
     assert rel_err(got["out"], ref["out"]) < 2e-2
 
 
-def test_no_host_read_per_call_once_the_padding_is_read():
-    """The layout is built once per Padding and shape; later calls read no tensor value (the
-    vendor kernel stands in as a function that reads none)."""
+def test_no_host_read_per_call_once_the_padding_is_read(monkeypatch):
+    """The layout is built once per Padding and shape; later calls, forward and backward, probes
+    included (Triton probe kernels), read no tensor value (the vendor kernel stands in as a
+    function that reads none; value checks as device asserts, as on a GPU)."""
     from test_host_sync import NoHostReads
 
     def fake(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size, enable_gqa):
@@ -248,13 +251,16 @@ def test_no_host_read_per_call_once_the_padding_is_read():
         pad = abft_fast.Padding.of(m, zero_padded_queries=True)
         q = torch.randn(2, 4, 12, 16, dtype=torch.bfloat16, requires_grad=True)
         k = torch.randn(2, 2, 12, 16, dtype=torch.bfloat16, requires_grad=True)
-        abft_fast.attention(q, k, k, key_padding_mask=pad, window=4, backend="varlen")
+        rows, cols = torch.tensor([[7, 2], [11, -1]]), torch.tensor([[0, 5, 7], [3, -1, 11]])
+        kw = dict(key_padding_mask=pad, window=4, probe_rows=rows, probe_cols=cols,
+                  backend="varlen")
+        abft_fast.attention(q, k, k, **kw)  # builds the layout: the one host read
+        monkeypatch.setattr(spec_module, "checks_on_host", lambda device: False)  # GPU policy
         mode = NoHostReads()
         with mode:
-            out, _ = abft_fast.attention(q, k, k, key_padding_mask=pad, window=4,
-                                         backend="varlen")
-            out.float().sum().backward()
-        assert mode.reads == []
+            out, probs = abft_fast.attention(q, k, k, **kw)
+            (out.float().sum() + probs.sum()).backward()
+        assert mode.reads == [] and mode.asserts >= 2
         # the fake doubles q: rows kept are 2 q, the padded query rows 0
         want = (2 * q).detach().masked_fill(~m[:, None, :, None], 0)
         assert torch.equal(out.detach(), want)
@@ -291,3 +297,52 @@ def test_vendor_varlen_matches_reference_gpu(case):
     same = {n: t.cpu() for n, t in run(case, inp, torch.bfloat16, "torch").items()}
     got = {n: t.cpu() for n, t in run(case, inp, torch.bfloat16, "varlen").items()}
     check_rule(got, same, ref, floor=1e-3)
+
+
+@pytest.mark.parametrize("case", RANDOM_CASES, ids=str)
+def test_shared_random_cases(case, naive, monkeypatch):
+    """The cases every backend runs, bf16: varlen computes each one it takes within the rule
+    (causal right padding with padded query rows zeroed; the reference zeroes them too) and
+    refuses, naming why, the one it cannot express (random holes)."""
+    zero = case.padding == "right" and case.causal
+    vcase = VCase(**dataclasses.asdict(case), zero_queries=zero)
+    inp = inputs(vcase)
+    if case.padding == "random" and not abft_fast.Padding.of(inp["kpm"]).contiguous:
+        with pytest.raises(ValueError, match="holes"):
+            run(vcase, inp, torch.bfloat16, "varlen")
+        return
+    ref = run(vcase, inp, torch.float64, None)
+    same = run(vcase, inp, torch.bfloat16, "torch")
+    poison_empty(monkeypatch)
+    got = run(vcase, inp, torch.bfloat16, "varlen")
+    monkeypatch.undo()
+    check_rule(got, same, ref, floor=1e-3)
+
+
+@pytest.mark.parametrize("first", ["eager", "compiled"])
+def test_fullgraph_compile_matches_eager(naive, first):
+    """torch.compile(fullgraph=True) through the varlen engine with probes (the kernel an opaque
+    custom op, as the vendor one is; the layout built while tracing or before): same values and
+    gradients as eager."""
+    g = fresh_generator()
+    q = torch.randn(2, 4, 24, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 2, 24, 16, generator=g, requires_grad=True) for _ in range(2))
+    m = torch.ones(2, 24, dtype=torch.bool)
+    m[0, 17:] = False
+    m[1, :5] = False
+    rows, cols = torch.tensor([[16, 3], [23, 5]]), torch.tensor([[0, 5, 16], [7, 6, 20]])
+
+    def f(q, k, v, pad):
+        out, p = abft_fast.attention(q, k, v, key_padding_mask=pad, window=7, probe_rows=rows,
+                                     probe_cols=cols, backend="varlen")
+        return (out * out).sum() + (p * torch.arange(3.0)).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    order = [f, compiled] if first == "eager" else [compiled, f]
+    pad = abft_fast.Padding.of(m, zero_padded_queries=True)
+    res = []
+    for fn in order:
+        loss = fn(q, k, v, pad)
+        res.append((loss.detach(), *torch.autograd.grad(loss, (q, k, v))))
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
