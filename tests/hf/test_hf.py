@@ -396,16 +396,33 @@ def test_probed_forward_does_not_sync_per_layer(backend):
     assert len(syncs) < 8, [str(x.message) for x in syncs]
 
 
+@pytest.mark.parametrize("backend", ["varlen", "auto"])
 @pytest.mark.parametrize("padding", ["left", "right"])
 @pytest.mark.parametrize("family", ["llama-gqa", "gemma3", "qwen2"])
-def test_varlen_preset_matches_eager(family, padding):
-    """set_backend("varlen"): every layer's output from the varlen layout (the naive kernel
-    standing in for PyTorch's flash varlen on a CPU, in float32), probes from the probe kernels;
-    logits at real positions, probes and gradients equal eager. The mask builder's Padding
-    (read once per forward, padded query rows zeroed) is what makes right padding exact."""
+def test_varlen_preset_matches_eager(family, padding, backend, monkeypatch):
+    """set_backend("varlen"), or "auto" with its GPU order: every layer's output from the varlen
+    layout (the naive kernel standing in for PyTorch's flash varlen on a CPU, in float32), probes
+    from the probe kernels; logits at real positions, probes and gradients equal eager. The mask
+    builder's Padding (read once per forward, padded query rows zeroed) is what makes right
+    padding exact and lets auto route there."""
+    import dataclasses
+    import importlib
+
     from abft_fast.ops import varlen
+    A = importlib.import_module("abft_fast.ops.attention")
+    ran = []
+    engine = A.ENGINES["varlen"]
+
+    def spy(*a):
+        ran.append(1)
+        return engine.run(*a)
+    monkeypatch.setitem(A.ENGINES, "varlen", dataclasses.replace(engine, run=spy))
+    if backend == "auto":
+        monkeypatch.setattr(A, "choose_backend", lambda d, t, s: (
+            ["torch"] if s.key_padding_mask is None and s.window is None
+            else ["varlen", "triton", "torch"]))
     varlen.use_naive_kernel()
-    ah.set_backend("varlen")
+    ah.set_backend(backend)
     try:
         ref, m = models(family)
         ids, am = batch(padding)
@@ -422,5 +439,6 @@ def test_varlen_preset_matches_eager(family, padding):
         ((out.logits * w).sum() + (want * wp).sum()).backward()
         ((la * w).sum() + (rec.probs * wp).sum()).backward()
         assert_grads_close(grads(ref), grads(m))
+        assert len(ran) == m.config.num_hidden_layers  # every (padded) layer went to varlen
     finally:
         varlen.reset_kernel()
