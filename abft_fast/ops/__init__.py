@@ -1,6 +1,8 @@
-"""The op layer: ``attention`` (argument spec, checks, engine choice), the visibility rule, the
-float64 reference, the probe maths and one module per backend / engine. Knows nothing of
-transformers or ABFT."""
+"""The op layer: ``attention`` (argument spec, checks, the one engine choice), ``engines`` (one
+record per ``backend=``: an output provider with a probe provider), ``probes`` (the probe
+providers), ``varlen`` (PyTorch's varlen flash kernel for the output), ``Padding``, the
+visibility rule, the float64 reference, the probe maths and one module per backend. Knows nothing
+of transformers or ABFT."""
 from .attention import BACKENDS, attention, attention_prechecked, choose_backend
 from .column_scores import column_scores
 from .padding import Padding
