@@ -23,7 +23,7 @@
 #   4. Triton compiled on the GPU: tests/ops/test_triton_backend.py, test_sdpa_backend.py,
 #      test_triton_backward.py, test_autotune.py, test_host_sync.py, test_dispatch.py,
 #      test_fuzz.py, test_validation.py, test_varlen.py (the vendor varlen kernel),
-#      tests/hf/test_hf.py (DIR/test_triton.log, T_TRITON);
+#      tests/hf/test_hf.py, FSDP2 at world size 1 on NCCL (DIR/test_triton.log, T_TRITON);
 #   5. the CUDA C++ backend: pytest -m gpu tests/ops/test_cuda_backend.py (DIR/test_cuda.log,
 #      T_CUDA);
 #   6. bench/tune_tiles.py: Triton tile configurations at the quick shape (DIR/tiles.csv and
@@ -107,7 +107,8 @@ if want triton; then
     tests/ops/test_triton_backend.py tests/ops/test_sdpa_backend.py \
     tests/ops/test_triton_backward.py tests/ops/test_autotune.py tests/ops/test_host_sync.py \
     tests/ops/test_dispatch.py tests/ops/test_fuzz.py tests/ops/test_validation.py \
-    tests/ops/test_varlen.py tests/hf/test_hf.py >"$OUT/test_triton.log" 2>&1
+    tests/ops/test_varlen.py tests/hf/test_hf.py \
+    tests/hf/test_fsdp.py::test_fsdp2_world_size_one_on_a_gpu >"$OUT/test_triton.log" 2>&1
   echo "pytest exit $?" >>"$OUT/test_triton.log"
 fi
 

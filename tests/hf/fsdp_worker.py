@@ -5,7 +5,8 @@ k_proj trainable, ``fully_shard`` on every decoder layer and on the root (defaul
 Adam steps on a loss of probes alone (``abft_fast.hf.probe``), each process on its half of the
 global batch. Saves, per case, the full q/k gradients of step 1, the full q/k weights after step
 2, whether every decoder layer's q_proj weight was sharded (a DTensor) between forward and
-backward, and any error. Usage: fsdp_worker.py OUT [--off] [--reference]
+backward, and any error. Usage: fsdp_worker.py OUT [--off] [--reference] [--cuda] (--cuda: the
+model and batch on the process's GPU, NCCL instead of gloo).
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from abft_fast.hf import recorder
 
 CASES = [(layers, stop, ckpt) for layers in (4, 1) for stop in (False, True) for ckpt in (False, True)]
 BATCH, L = 4, 16
+DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if "--cuda" in sys.argv \
+    else torch.device("cpu")
 
 
 def model_for(layers):
@@ -27,7 +30,7 @@ def model_for(layers):
     cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=64)
-    m = LlamaForCausalLM(cfg)
+    m = LlamaForCausalLM(cfg).to(DEVICE)
     m.set_attn_implementation("abft_fast")
     for n, p in m.named_parameters():
         p.requires_grad = "q_proj" in n or "k_proj" in n
@@ -39,7 +42,7 @@ def batch():
     ids = torch.randint(0, 97, (BATCH, L), generator=g)
     rows = torch.full((BATCH, 1), L - 1)
     cols = torch.stack([torch.randperm(L - 1, generator=g)[:3] for _ in range(BATCH)])
-    return ids, rows, cols
+    return ids.to(DEVICE), rows.to(DEVICE), cols.to(DEVICE)
 
 
 def full(t):
@@ -75,17 +78,17 @@ def run_case(layers, stop, ckpt, rank, world, sharded):
                 if stop and i == last:
                     continue  # the stopped layer's unit may keep its weights until backward
                 out["sharded_between"] &= isinstance(layer.self_attn.q_proj.weight, DTensor)
-        w = torch.linspace(-1.0, 2.0, probs[:, 0].numel()).view_as(probs[:, 0])
+        w = torch.linspace(-1.0, 2.0, probs[:, 0].numel(), device=DEVICE).view_as(probs[:, 0])
         loss = (probs * w[:, None]).sum() / BATCH * world  # mean over the global batch
         loss.backward()
         if step == 1:
             missing = [n for n, p in params if p.grad is None]
             out["missing"] = missing
-            out["grads"] = {n: full(p.grad).detach().clone() for n, p in params
+            out["grads"] = {n: full(p.grad).detach().cpu() for n, p in params
                             if p.grad is not None}
         opt.step()
         opt.zero_grad(set_to_none=True)
-    out["weights"] = {n: full(p).detach().clone() for n, p in params}
+    out["weights"] = {n: full(p).detach().cpu() for n, p in params}
     if sharded:
         out["all_dtensor_after"] = all(isinstance(p, DTensor) for _, p in params)
     return out
@@ -97,7 +100,9 @@ def main():
         torch.save({c: run_case(*c, 0, 1, False) for c in CASES}, path)
         return
     import torch.distributed as dist
-    dist.init_process_group("gloo")
+    if DEVICE.type == "cuda":
+        torch.cuda.set_device(DEVICE)
+    dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     recorder._FSDP_PATH = "--off" not in sys.argv
     results = {}
