@@ -199,7 +199,8 @@ def test_abft_step(e2e_case, benchmark, recorder):
         pytest.skip(f"{method} ran out of memory at L={first} already")
     benchmark.group = f"e2e {s.id}"
     benchlib.free_memory()
-    row = dict(model=s.model, method=method, dtype=s.dtype, B=s.B, L=s.L, status="ok", note="")
+    row = dict(model=s.model, method=method, dtype=s.dtype, B=s.B, L=s.L, status="ok",
+               note="right-padded, real lengths 50-100% of L" if s.padded else "")
     oom = False
     try:
         model = _model(s, dev)
