@@ -61,16 +61,6 @@ def _sdpa_refuses(q, spec: AttentionSpec) -> str:
     return ""
 
 
-def _varlen_unavailable(device) -> str:
-    kern = varlen.find_kernel()
-    if kern is None:
-        return ("this torch has no varlen flash attention with windows "
-                "(torch.nn.attention.varlen.varlen_attn or aten._flash_attention_forward)")
-    if device.type not in kern.devices:
-        return f"{kern.name} needs CUDA tensors; got tensors on {device}"
-    return ""
-
-
 def _varlen_refuses(q, spec: AttentionSpec) -> str:
     why = varlen.why_unsupported(q, spec)
     return f"backend='varlen' cannot run this call: {why}" if why else ""
@@ -100,7 +90,7 @@ ENGINES = {e.name: e for e in (
     Engine("sdpa", "SDPA without a mask (cuDNN / flash on a GPU)", "probes.choose",
            _always, lambda q, s: ALL_DTYPES, _sdpa_refuses, sdpa_backend.attention),
     Engine("varlen", "PyTorch's varlen flash kernel, unpadded per Padding", "probes.choose",
-           _varlen_unavailable, _varlen_dtypes, _varlen_refuses, _varlen_run,
+           varlen.unavailable, _varlen_dtypes, _varlen_refuses, _varlen_run,
            zeroes_padded_queries=True),
     Engine("triton", "the fused Triton kernel", "inside the fused kernel",
            lambda d: available.triton_available(d)[1], lambda q, s: KERNEL_DTYPES, _always,

@@ -27,7 +27,7 @@ import torch
 from .spec import AttentionSpec
 
 __all__ = ["Kernel", "Layout", "find_kernel", "layout", "naive_kernel", "output", "supports",
-           "why_unsupported"]
+           "unavailable", "why_unsupported"]
 
 MAX_HEAD_DIM = 256
 
@@ -151,14 +151,23 @@ def _runs(spec: AttentionSpec):
     return list(zip(p.starts, p.ends, p.counts))
 
 
-def why_unsupported(q, spec: AttentionSpec) -> str:
-    """'' when the varlen provider computes this call exactly, else why not."""
+def unavailable(device) -> str:
+    """'' when a varlen kernel runs on tensors of ``device``, else why not."""
     kern = find_kernel()
     if kern is None:
         return ("this torch has no varlen flash attention with windows "
                 "(torch.nn.attention.varlen.varlen_attn or aten._flash_attention_forward)")
-    if q.device.type not in kern.devices:
-        return f"{kern.name} needs CUDA tensors; got tensors on {q.device}"
+    if device.type not in kern.devices:
+        return f"{kern.name} needs CUDA tensors; got tensors on {device}"
+    return ""
+
+
+def why_unsupported(q, spec: AttentionSpec) -> str:
+    """'' when the varlen provider computes this call exactly, else why not."""
+    why = unavailable(q.device)
+    if why:
+        return why
+    kern = find_kernel()
     if q.dtype not in kern.dtypes:
         return f"{kern.name} takes float16 / bfloat16, got {q.dtype}"
     if spec.head_dim > MAX_HEAD_DIM or spec.head_dim % 8:
