@@ -4,8 +4,10 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import abft_fast
+from abft_fast.ops import fused, probes
 from abft_fast.ops.reference import attention_reference
 from abft_fast.ops.spec import make_spec
 
@@ -218,3 +220,33 @@ def spec_of(q, k, v, causal=True, scale=None, key_padding_mask=None, window=None
     """The checked AttentionSpec of a call, for tests that call a backend module directly."""
     return make_spec(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
                      window=window, probe_rows=probe_rows, probe_cols=probe_cols)
+
+
+# Ops that read a tensor value back to the host (.item(), bool(t), int(t), torch.equal).
+HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
+              torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default}
+
+
+_IMPLS = {op._qualname: op._init_fn for op in (
+    fused.fused_attention_op, fused.fused_attention_backward_op, probes.probe_rows_op,
+    probes.probe_rows_op.backward_op)}
+
+
+class NoHostReads(TorchDispatchMode):
+    """Records every value read-back; the op's own torch.library ops are entered with the mode
+    still active so that what runs inside them is seen too."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads, self.asserts = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in HOST_READS:
+            self.reads.append(str(func))
+        if func is torch.ops.aten._assert_async.msg:
+            self.asserts += 1
+        impl = _IMPLS.get(func.name())
+        if impl is not None:  # run the op's body under the mode (calling func would recurse)
+            with self:
+                return impl(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))

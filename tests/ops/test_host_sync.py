@@ -3,40 +3,12 @@ forward and backward, value checks as device asserts): a dispatch mode fails on 
 reads a value back (``aten._local_scalar_dense``: ``.item()``, ``bool(t)``, ``int(t)``)."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from cases import NoHostReads
 
 import abft_fast
-from abft_fast.ops import fused, probes
 from abft_fast.ops import spec as spec_module
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
-              torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default}
-
-
-_IMPLS = {op._qualname: op._init_fn for op in (
-    fused.fused_attention_op, fused.fused_attention_backward_op, probes.probe_rows_op,
-    probes.probe_rows_op.backward_op)}
-
-
-class NoHostReads(TorchDispatchMode):
-    """Records every value read-back; the op's own torch.library ops are entered with the mode
-    still active so that what runs inside them is seen too."""
-
-    def __init__(self):
-        super().__init__()
-        self.reads, self.asserts = [], 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in HOST_READS:
-            self.reads.append(str(func))
-        if func is torch.ops.aten._assert_async.msg:
-            self.asserts += 1
-        impl = _IMPLS.get(func.name())
-        if impl is not None:  # run the op's body under the mode (calling func would recurse)
-            with self:
-                return impl(*args, **(kwargs or {}))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("backend,masked", [("sdpa", False), ("triton", True), ("triton", False)])

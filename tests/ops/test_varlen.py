@@ -11,6 +11,7 @@ import torch
 from cases import (
     RANDOM_CASES,
     Case,
+    NoHostReads,
     check_rel,
     check_rule,
     fresh_generator,
@@ -242,8 +243,6 @@ def test_no_host_read_per_call_once_the_padding_is_read(monkeypatch):
     """The layout is built once per Padding and shape; later calls, forward and backward, probes
     included (Triton probe kernels), read no tensor value (the vendor kernel stands in as a
     function that reads none; value checks as device asserts, as on a GPU)."""
-    from test_host_sync import NoHostReads
-
     def fake(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size, enable_gqa):
         return q * 2
     varlen._found[:] = [varlen.Kernel("fake", fake, True, ("cpu",), (torch.bfloat16,))]
