@@ -73,12 +73,21 @@ def inputs(case: VCase):
     if case.empty_row:
         kpm[0] = False
     if kpm is not None and case.zero_queries:  # probe rows on real queries, as ABFT's are
+        inp["probes_see_keys"] = False  # make_inputs judged it without zeroed padded rows
         qm = abft_fast.Padding.of(kpm).query_mask(case.lq)
         for b in range(case.b):
             real = qm[b].nonzero().flatten()
             rows = inp["rows"][b]
             if len(real):
                 rows[rows >= 0] = real[torch.arange(int((rows >= 0).sum())) % len(real)]
+    cols = inp["cols"]
+    if cols is not None and cols.shape[1] > 0 and inp["rows"].shape[1] > 0:
+        for b in range(case.b):  # the last column: the first probe row's own key, which it sees
+            r0 = int(inp["rows"][b, 0])
+            pos = r0 + case.lk - case.lq
+            if r0 >= 0 and 0 <= pos and (kpm is None or bool(kpm[b, pos])):
+                cols[b, -1] = pos
+                inp["probes_see_keys"] = True
     return inp
 
 
@@ -113,7 +122,7 @@ def run(case: VCase, inp, dtype, backend):
 def test_varlen_matches_reference(case, dtype, naive, monkeypatch):
     inp = inputs(case)
     ref = run(case, inp, torch.float64, None)
-    if inp["probes_see_keys"] and not case.zero_queries and not case.empty_row:
+    if inp["probes_see_keys"]:  # else the probe gradient would go unchecked
         assert ref["probs"].abs().sum() > 0
     same = run(case, inp, dtype, "torch")  # PyTorch in the same precision
     poison_empty(monkeypatch)
@@ -313,6 +322,8 @@ def test_shared_random_cases(case, naive, monkeypatch):
             run(vcase, inp, torch.bfloat16, "varlen")
         return
     ref = run(vcase, inp, torch.float64, None)
+    if inp["probes_see_keys"]:
+        assert ref["probs"].abs().sum() > 0
     same = run(vcase, inp, torch.bfloat16, "torch")
     poison_empty(monkeypatch)
     got = run(vcase, inp, torch.bfloat16, "varlen")
