@@ -21,7 +21,7 @@ def visibility(b, lq, lk, causal, window, key_padding_mask, device):
         vis = vis & (j <= i)
         if window is not None:
             vis = vis & (j > i - window)
-    vis = vis[None].expand(b, lq, lk).clone()
+    vis = vis[None].expand(b, lq, lk)
     if key_padding_mask is not None:
         vis = vis & (key_padding_mask[:, None, :] != 0)
     return vis
@@ -52,12 +52,9 @@ def attention_reference(q, k, v, *, causal=True, scale=None, key_padding_mask=No
     s = scale * torch.matmul(q, kk.transpose(-1, -2))  # [B,Hq,Lq,Lk]
     vis = visibility(b, lq, lk, causal, window, key_padding_mask, q.device)
     if zero_padded_queries and key_padding_mask is not None:
-        for i in range(lq):
-            pos = i + lk - lq
-            if pos < 0:
-                vis[:, i] = False
-            else:
-                vis[:, i] &= (key_padding_mask[:, pos] != 0)[:, None]
+        pos = torch.arange(lq, device=q.device) + (lk - lq)  # each query's own key position
+        real = (key_padding_mask[:, pos.clamp(min=0)] != 0) & (pos >= 0)  # [B, Lq]
+        vis = vis & real[:, :, None]
     vis = vis.unsqueeze(1)
     has = vis.any(-1, keepdim=True)  # [B,1,Lq,1]
     # rows with no visible key keep finite scores (so gradients stay finite) and are zeroed below

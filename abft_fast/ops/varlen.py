@@ -232,10 +232,8 @@ def _build_layout(spec: AttentionSpec, device) -> Layout:
 # ----------------------------------------------------------------------------------- output
 
 def output(q, k, v, spec: AttentionSpec):
-    """[B, Hq, Lq, D] (a transposed view of [B, Lq, Hq, D]); differentiable by PyTorch."""
-    reason = why_unsupported(q, spec)
-    if reason:
-        raise ValueError(f"backend='varlen' cannot run this call: {reason}")
+    """[B, Hq, Lq, D] (a transposed view of [B, Lq, Hq, D]); differentiable by PyTorch. The call
+    is checked by the dispatcher (``why_unsupported`` is empty), as for every engine."""
     kern = find_kernel()
     lay = layout(spec, q.device)
     b, hq, lq, d = q.shape
@@ -266,7 +264,7 @@ def _naive_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Ten
               cu_k: torch.Tensor, max_q: int, max_k: int, scale: float, left: int, right: int,
               gqa: bool) -> torch.Tensor:
     """``naive_kernel`` as an opaque op (so that torch.compile traces a call as it traces the
-    vendor kernel's custom op); its backward recomputes it under autograd."""
+    vendor kernel's custom op); its backward is ``_naive_backward_op``."""
     return naive_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale, (left, right), gqa).clone()
 
 

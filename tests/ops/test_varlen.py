@@ -4,8 +4,10 @@ kernel is replaced by ``varlen.naive_kernel`` (the same contract in plain torch)
 runs the vendor kernel itself. Also: ``Padding``, zeroed padded query rows on every backend, the
 cases varlen refuses, the kernel detection, no host read per call, ``auto``'s order."""
 import dataclasses
+import functools
 import importlib
 
+import cases
 import pytest
 import torch
 from cases import (
@@ -92,29 +94,18 @@ def inputs(case: VCase):
 
 
 def run(case: VCase, inp, dtype, backend):
-    q, k, v = (inp[n].to(dtype).requires_grad_() for n in ("q", "k", "v"))
-    kpm = inp["kpm"]
-    if backend is None:  # the float64 reference
-        out, _, probs = attention_reference(
-            q, k, v, causal=case.causal, scale=case.scale, key_padding_mask=kpm,
-            window=case.window, probe_rows=inp["rows"], probe_cols=inp["cols"],
-            zero_padded_queries=case.zero_queries)
-    else:
-        pad = None if kpm is None else abft_fast.Padding.of(
-            kpm, zero_padded_queries=case.zero_queries)
-        out, probs = abft_fast.attention(q, k, v, causal=case.causal, scale=case.scale,
-                                         key_padding_mask=pad, window=case.window,
-                                         probe_rows=inp["rows"], probe_cols=inp["cols"],
-                                         backend=backend)
-    loss = (out.double() * inp["do"]).sum()
-    if probs is not None:
-        loss = loss + (probs.double() * inp["dp"]).sum()
-    # every query row may be padding (Lq < Lk, right padding): then varlen leaves k, v unused
-    dq, dk, dv = torch.autograd.grad(loss, (q, k, v), allow_unused=True, materialize_grads=True)
-    r = dict(out=out, dq=dq, dk=dk, dv=dv)
-    if probs is not None:
-        r["probs"] = probs
-    return {n: t.detach().double() for n, t in r.items()}
+    """``cases.run`` with the mask as a Padding (``case.zero_queries``); backend None: the
+    float64 reference with the same rule."""
+    if backend is None:
+        return cases.run(functools.partial(attention_reference,
+                                           zero_padded_queries=case.zero_queries),
+                         case, inp, dtype)
+
+    def fn(*a, key_padding_mask, **kw):
+        pad = None if key_padding_mask is None else abft_fast.Padding.of(
+            key_padding_mask, zero_padded_queries=case.zero_queries)
+        return abft_fast.attention(*a, key_padding_mask=pad, backend=backend, **kw)
+    return cases.run(fn, case, inp, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
